@@ -1,0 +1,36 @@
+# One-command set-up and entry points. Every target below depends on `setup`, which is idempotent:
+# it only reinstalls when pyproject.toml changed since the last successful install.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+RUN_DIR ?= runs/demo
+
+.PHONY: setup test lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml infra/install_vlfeat.sh
+	@infra/install_vlfeat.sh
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "discoattr needs Python >= 3.10"'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q setuptools wheel numpy cython scipy
+	# cyvlfeat builds against the numpy/cython already in the venv, so no build isolation.
+	$(BIN)/pip install -q --no-build-isolation cyvlfeat
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check pretrain shards transfer scripts tests
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	$(BIN)/python pretrain/run.py --run-dir $(RUN_DIR)
+
+bench: setup
+	$(BIN)/python scripts/bench_shards.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

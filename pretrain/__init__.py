@@ -1,0 +1,1 @@
+"""Pretraining: the driver, config, run directory and stages of the discoattr pipeline."""

@@ -1,0 +1,172 @@
+"""Experiment configuration: frozen dataclasses nested by concern, set by YAML, overridden by --set.
+
+    cfg = load_config("pretrain/configs/imagenet.yaml", ["data.patches_per_image=20"])
+    cfg.data.patch_size_px  -> 96
+
+An unknown key anywhere (YAML or --set) is an error that lists the valid keys. Values are checked
+against the field types. Modules take explicit keyword arguments, not this object; the driver maps
+config to arguments.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "demo"  # run directory is <root>/<name> unless --run-dir is given
+    root: str = "runs"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Stage 0: patch shards (paper sec. 4.1: 96x96 patches)."""
+
+    source: str = "demo"  # demo | digits | image folder | tar | VOC devkit (see shards/sources.py)
+    kind: str = "auto"
+    shards_dir: str = ""  # use shards built beforehand (python -m shards.build) instead of building
+    patch_size_px: int = 96
+    patches_per_image: int = 64
+    scale_range: tuple[float, float] = (0.25, 0.6)  # patch side / shorter image side
+    patches_per_record: int = 16
+    jpeg_quality: int = 90
+    images_per_shard: int = 4
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty: $RAY_ADDRESS when set (ray job submit), else a local instance
+    num_cpus: int = 0  # local instance only; 0 = all cores
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    wandb: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | online | offline | disabled
+    project: str = "discoattr"
+    entity: str = ""
+    init_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def valid_keys(cls=Config, prefix: str = "") -> list[str]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        t = hints[f.name]
+        out += valid_keys(t, f"{prefix}{f.name}.") if is_dataclass(t) else [f"{prefix}{f.name}"]
+    return out
+
+
+def _coerce(key: str, value, typ):
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        args = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"config key {key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config field type {typ}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key {key}: expected {typ.__name__}, got {value!r}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for k in values:
+        if k not in names:
+            raise ConfigError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys())}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        t, v, key = hints[f.name], values[f.name], prefix + f.name
+        if is_dataclass(t):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key {key}: expected a mapping of {t.__name__} fields, got {v!r}")
+            kwargs[f.name] = _build(t, v, key + ".")
+        else:
+            kwargs[f.name] = _coerce(key, v, t)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """YAML file (default: demo.yaml) + `a.b=c` overrides -> Config. Raises ConfigError."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        if key.strip() not in valid_keys():
+            raise ConfigError(f"unknown config key '{key.strip()}'; valid keys: {', '.join(valid_keys())}")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, tree)
+
+
+def to_dict(obj) -> dict:
+    """A config (or section) as plain JSON-able dicts and lists: for YAML, wandb, checkpoints, Ray."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def config_hash(section) -> str:
+    """Stable 16-hex-digit hash of a config section (or any JSON-able value)."""
+    data = to_dict(section) if is_dataclass(section) else section
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,94 @@
+"""The pretraining driver: runs the pipeline's stages in one run directory, resuming finished ones.
+
+    python pretrain/run.py                                   # the demo, on a local Ray instance
+    python pretrain/run.py --config pretrain/configs/digits.yaml --set data.images_per_shard=500
+    ray job submit --working-dir . -- python pretrain/run.py --config pretrain/configs/imagenet.yaml
+
+Connects to the cluster in $RAY_ADDRESS (set by `ray job submit`) or `ray.address`, else starts a
+local Ray instance. Writes `<run dir>/config.yaml`, `manifest.json`, `metrics.jsonl` and each
+stage's artifacts; a rerun skips the stages whose record still matches.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # `python pretrain/run.py` puts pretrain/, not the repo root, on sys.path. Under `ray job submit
+    # --working-dir .` the uploaded copy is the code that must run, so its root goes first.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain import stages  # noqa: E402
+from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
+from pretrain.rundir import RunDir  # noqa: E402
+from pretrain.tracking import Tracker  # noqa: E402
+from shards.fsutil import atomic_write_text  # noqa: E402
+from shards.shardset import ShardError  # noqa: E402
+from shards.sources import SourceError  # noqa: E402
+
+log = logging.getLogger("pretrain.run")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="pretrain/run.py", description=__doc__.split("\n\n")[0],
+        epilog="config keys: " + ", ".join(valid_keys()),
+    )
+    p.add_argument("--config", default=None, help="experiment YAML (default: pretrain/configs/demo.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. data.patches_per_image=32 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo this stage even if its record matches (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def run(cfg, run_dir: Path, force: list[str]) -> dict:
+    data = stages.check_data(cfg)  # a bad source fails here, before Ray starts or anything is written
+    run = RunDir(run_dir)
+    atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
+    from shards.cluster import connect, ray_map
+
+    log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
+    tracker = Tracker(
+        run.path, run_id=run.run_id, run_name=cfg.run.name, config=to_dict(cfg), wandb_mode=cfg.tracking.wandb,
+        project=cfg.tracking.project, entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s,
+    )
+    try:
+        result = stages.shard_stage(cfg, run, data, ray_map, force="shard" in force)
+        shards = stages.shards_root(cfg, run)
+        index = stages.ShardSet.open(shards)
+        tracker.log({"stage": "shard", "skipped": result.skipped, "wall_s": result.record["wall_s"],
+                     "patches": index.total, "shards": len(index.names)})
+        log.info("shards: %d patches in %d shards at %s", index.total, len(index.names), shards)
+        missing = ", ".join(f"{name} ({issue})" for name, issue in stages.PLANNED)
+        log.info("not built yet, so not run: %s", missing)
+        return {"run_dir": str(run.path), "patches": index.total}
+    finally:
+        tracker.finish()
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
+        unknown = set(args.force) - {"shard"}
+        if unknown:
+            raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; built stages: shard")
+        run(cfg, run_dir, args.force)
+    except (ConfigError, SourceError, ShardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

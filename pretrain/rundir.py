@@ -1,0 +1,115 @@
+"""The run directory: every stage's artifacts plus `manifest.json`, the record of finished stages.
+
+A stage record holds its name, config hash (and config), input fingerprints, outputs (bytes and
+sha256 per file), wall time and finish time. A rerun skips a stage whose config hash and inputs
+match and whose outputs are still there at their recorded sizes, and redoes it otherwise; later
+stages take earlier stages' output fingerprints as inputs, so a redo propagates. The manifest is
+rewritten atomically after each stage, so a killed run resumes at the stage it was in.
+
+The run directory is a local or mounted shared path (NFS on a multi-node cluster).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from pretrain.config import config_hash
+from shards.fsutil import atomic_write_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    skipped: bool
+    record: dict
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.manifest()
+        if "run_id" not in manifest:  # stable across relaunches: W&B resumes the same run
+            manifest.update(run_id=uuid.uuid4().hex[:12], created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            self._write(manifest)
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest()["run_id"]
+
+    def manifest(self) -> dict:
+        p = self.path / MANIFEST
+        if not p.is_file():
+            return {"stages": {}}
+        try:
+            return json.loads(p.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{p} is damaged ({exc}); move it away to rerun every stage") from None
+
+    def _write(self, manifest: dict) -> None:
+        atomic_write_json(self.path / MANIFEST, manifest)
+
+    def rel(self, path: str | Path) -> str:
+        p = Path(path)
+        return str(p.resolve().relative_to(self.path.resolve())) if p.is_absolute() else str(p)
+
+    def file_entry(self, path: str | Path, sha256: str | None = None) -> dict:
+        p = self.path / self.rel(path)
+        return {"bytes": p.stat().st_size, "sha256": sha256 or sha256_file(p)}
+
+    def outputs_fingerprint(self, stage: str) -> str:
+        """A hash of a finished stage's outputs: the input fingerprint for the stages after it."""
+        rec = self.manifest()["stages"].get(stage)
+        if rec is None:
+            raise KeyError(f"stage {stage} has not finished in {self.path}")
+        return hashlib.sha256(json.dumps(rec["outputs"], sort_keys=True).encode()).hexdigest()[:16]
+
+    def why_not_done(self, name: str, config: dict, inputs: dict) -> str | None:
+        """None when the stage's record matches; otherwise the reason it must run."""
+        rec = self.manifest()["stages"].get(name)
+        if rec is None:
+            return "not run yet"
+        if rec["config_hash"] != config_hash(config):
+            return "config changed"
+        if rec["inputs"] != inputs:
+            return "inputs changed"
+        for rel, entry in rec["outputs"].items():
+            p = self.path / rel
+            if not p.is_file() or p.stat().st_size != entry["bytes"]:
+                return f"output {rel} missing or changed"
+        return None
+
+    def run_stage(
+        self, name: str, fn: Callable[[], dict[str, str | None]], *, config: dict, inputs: dict,
+        force: bool = False,
+    ) -> StageResult:
+        """Runs `fn` unless the stage is up to date. `fn` returns {output path: sha256 or None}
+        (paths inside the run directory; None: hash it here)."""
+        reason = "forced" if force else self.why_not_done(name, config, inputs)
+        if reason is None:
+            log.info("stage %s: up to date, skipped", name)
+            return StageResult(name, True, self.manifest()["stages"][name])
+        log.info("stage %s: running (%s)", name, reason)
+        t0 = time.perf_counter()
+        produced = fn()
+        outputs = {self.rel(p): self.file_entry(p, sha) for p, sha in sorted(produced.items())}
+        record = {
+            "name": name, "config_hash": config_hash(config), "config": config, "inputs": inputs,
+            "outputs": outputs, "wall_s": round(time.perf_counter() - t0, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        manifest = self.manifest()
+        manifest["stages"][name] = record
+        self._write(manifest)
+        log.info("stage %s: done in %.1fs", name, record["wall_s"])
+        return StageResult(name, False, record)

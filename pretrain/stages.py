@@ -1,0 +1,68 @@
+"""The pipeline's stages as run-directory steps: config -> explicit arguments -> artifacts.
+
+Each function maps its config section to the plain functions that do the work and records the
+stage in the manifest. Parallel work goes through `mapper` (Ray tasks in the driver, in-process in
+tests), so nothing here imports Ray.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from pretrain.config import Config, ConfigError, to_dict
+from pretrain.rundir import RunDir, StageResult
+from shards.build import build_shards
+from shards.fsutil import sha256_file
+from shards.shardset import SHARDS_JSON, ShardSet
+from shards.sources import Listing, list_items, source_fingerprint
+from shards.writer import PatchParams
+
+# Stages after sharding, with the issue that builds each; run.py states which are not built yet.
+PLANNED = (("features", "#3"), ("cluster", "#3"), ("train", "#4"), ("hash", "#4"), ("eval", "#4"))
+
+
+def patch_params(cfg: Config) -> PatchParams:
+    d = cfg.data
+    return PatchParams(
+        patch_px=d.patch_size_px, patches_per_image=d.patches_per_image, scale_range=d.scale_range,
+        patches_per_record=d.patches_per_record, jpeg_quality=d.jpeg_quality, seed=cfg.run.seed,
+    )
+
+
+def check_data(cfg: Config) -> Listing | ShardSet:
+    """Fails fast (SourceError/ShardError/ValueError) on a missing source or bad patch settings."""
+    if cfg.data.shards_dir:
+        return ShardSet.open(cfg.data.shards_dir)
+    try:
+        patch_params(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
+    return list_items(cfg.data.source, cfg.data.kind)
+
+
+def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Callable,
+                force: bool = False) -> StageResult:
+    """Stage 0: builds `<run>/shards/` from the source (or records prebuilt shards)."""
+    if isinstance(data, ShardSet):  # built beforehand: nothing to write, only to record
+        inputs = {"shards": sha256_file(data.root / SHARDS_JSON)}
+        return run.run_stage("shard", lambda: {}, config={"shards_dir": str(data.root)}, inputs=inputs,
+                             force=force)
+
+    out = run.path / "shards"
+    config = to_dict(cfg.data) | {"seed": cfg.run.seed}
+    inputs = {"source": source_fingerprint(data)}
+
+    def build():
+        index = build_shards(data, out, patch_params(cfg), images_per_shard=cfg.data.images_per_shard,
+                             mapper=mapper)
+        produced = {str(out / e["name"]): e["sha256"] for e in index["shards"]}
+        produced[str(out / SHARDS_JSON)] = None
+        return produced
+
+    return run.run_stage("shard", build, config=config, inputs=inputs, force=force)
+
+
+
+def shards_root(cfg: Config, run: RunDir) -> Path:
+    """Where the patch shards of this run live."""
+    return Path(cfg.data.shards_dir) if cfg.data.shards_dir else run.path / "shards"

@@ -1,0 +1,244 @@
+"""Streaming patches to training code: a webdataset pipeline with exact, equal per-rank splits.
+
+Every epoch the global patch sequence (shards in a seeded order) is cut into `world_size` equal
+contiguous ranges of `total // world_size` patches (the remainder, < world_size patches, is dropped
+that epoch), and each rank's range into one contiguous range per DataLoader worker. A worker reads
+its range as a few shard slices: it seeks to the first record it needs and stops after the last,
+and webdataset's tar iterators and `group_by_keys` turn the bytes into records. So every rank sees
+the same number of samples (DDP never waits on a rank that ran dry) and, with one epoch of all
+ranks and workers, every patch exactly once.
+
+Damage is skipped and counted, never fatal: a truncated shard, a record missing its `.jpg` or
+`.json`, an undecodable strip. `stats()` reports the counts; `pad=True` (for training) refills a
+worker that lost patches by re-reading its own range, so per-rank counts stay equal.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from shards.shardset import ShardError, ShardSet, patch_key, record_offsets
+from shards.writer import decode_strip
+
+log = logging.getLogger(__name__)
+
+MAX_WORKERS = 64
+STAT_FIELDS = ("patches", "patches_lost", "record_errors")
+
+
+@dataclass(frozen=True)
+class Slice:
+    shard: int
+    start: int  # first patch position within the shard
+    stop: int  # one past the last
+
+
+def plan_epoch(
+    counts: np.ndarray, *, rank: int = 0, world_size: int = 1, worker: int = 0, num_workers: int = 1,
+    epoch: int = 0, seed: int = 0, shuffle: bool = False,
+) -> list[Slice]:
+    """The shard slices one (rank, worker) reads in one epoch; see the module docstring."""
+    counts = np.asarray(counts, np.int64)
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
+    per_rank = int(counts.sum()) // world_size
+    base = rank * per_rank
+    lo = base + per_rank * worker // num_workers
+    hi = base + per_rank * (worker + 1) // num_workers
+    slices, pos = [], 0
+    for s in order:
+        a, b = max(pos, lo), min(pos + int(counts[s]), hi)
+        if a < b:
+            slices.append(Slice(int(s), a - pos, b - pos))
+        pos += int(counts[s])
+    return slices
+
+
+class _Bounded(io.RawIOBase):
+    """Reads at most `n` bytes of `f` from its current position (one shard slice)."""
+
+    def __init__(self, f, n: int):
+        self.f, self.left = f, n
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.left <= 0:
+            return 0
+        view = memoryview(b)[: min(len(b), self.left)]
+        got = self.f.readinto(view)
+        self.left -= got
+        return got
+
+
+class _ErrorCounter:
+    """webdataset error handler that counts instead of sleeping (warn_and_continue sleeps 0.5 s)."""
+
+    def __init__(self, counters: torch.Tensor, row: int):
+        self.counters, self.row = counters, row
+
+    def __call__(self, exn: Exception) -> bool:
+        if self.counters[self.row, 2] < 3:
+            log.warning("skipping damaged shard data: %s", repr(exn)[:200])
+        self.counters[self.row, 2] += 1
+        return True
+
+
+def read_slice(shards: ShardSet, sl: Slice, handler) -> Iterator[dict]:
+    """Yields {"index", "key", "label", "image" (P, P, 3) uint8} for the readable patches of a slice."""
+    per = shards.patches_per_record
+    path = shards.path(sl.shard)
+    offs = record_offsets(path)
+    r0, r1 = sl.start // per, (sl.stop - 1) // per
+    known = np.flatnonzero(offs.header[r0 : r1 + 2] >= 0) + r0 if r0 < len(offs.header) else []
+    if len(known) == 0 or known[0] > r1:
+        return
+    begin = int(offs.header[known[0]])
+    after = known[known > r1]
+    end = int(offs.header[after[0]]) if len(after) else offs.file_size
+    shard_start = int(shards.starts[sl.shard])
+    with open(path, "rb") as f:
+        f.seek(begin)
+        stream = io.BufferedReader(_Bounded(f, end - begin), buffer_size=1 << 20)
+        files = tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
+        for sample in group_by_keys(files, handler=handler):
+            try:
+                meta = json.loads(sample["json"])
+                patches = decode_strip(sample["jpg"], shards.patch_px)
+                if len(patches) != len(meta["keys"]):
+                    raise ValueError(f"record {sample['__key__']}: {len(patches)} patches, {len(meta['keys'])} keys")
+            except (KeyError, ValueError, TypeError) as exc:
+                handler(exc)
+                continue
+            first = int(meta["first"])
+            for j in range(max(sl.start - first, 0), min(sl.stop - first, len(patches))):
+                # a copy, so a shuffle buffer does not pin whole strips
+                yield {"index": shard_start + first + j, "key": patch_key(meta["keys"][j], meta["boxes"][j]),
+                       "label": int(meta["labels"][j]), "image": patches[j].copy()}
+
+
+class PatchStream(IterableDataset):
+    """Patches of a shard set for one rank; split further over DataLoader workers.
+
+    rank/world_size default to torch.distributed when it is initialised, else 0/1. `len()` is the
+    number of patches this rank gets per epoch. Call `set_epoch(e)` before each epoch when shuffling.
+    """
+
+    def __init__(
+        self, root: str | Path, *, rank: int | None = None, world_size: int | None = None,
+        shuffle: bool = False, shuffle_buffer: int = 2000, seed: int = 0, pad: bool = False,
+    ):
+        self.shards = ShardSet.open(root)
+        if rank is None or world_size is None:
+            dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if dist else 0
+            world_size = torch.distributed.get_world_size() if dist else 1
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        if self.shards.total < world_size:
+            raise ShardError(f"{self.shards.total} patches cannot feed {world_size} ranks")
+        self.rank, self.world_size = rank, world_size
+        self.shuffle, self.shuffle_buffer, self.seed, self.pad = shuffle, shuffle_buffer, seed, pad
+        self.epoch = 0
+        # one row per loader worker (row 0: the main process); shared memory survives fork and spawn
+        self.counters = torch.zeros((MAX_WORKERS + 1, len(STAT_FIELDS)), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.shards.total // self.world_size
+
+    def stats(self) -> dict:
+        totals = self.counters.sum(0).tolist()
+        return dict(zip(STAT_FIELDS, totals))
+
+    def reset_stats(self) -> None:
+        self.counters.zero_()
+
+    def _read(self, slices: list[Slice], row: int) -> Iterator[dict]:
+        handler = _ErrorCounter(self.counters, row)
+        for sl in slices:
+            n, done = 0, False
+            try:
+                for sample in read_slice(self.shards, sl, handler):
+                    n += 1
+                    yield sample
+                done = True
+            finally:  # also when the consumer stops early (pad mode)
+                self.counters[row, 0] += n
+                if done:
+                    self.counters[row, 1] += (sl.stop - sl.start) - n
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if num_workers > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} loader workers")
+        row = worker + 1 if info else 0
+        slices = plan_epoch(
+            self.shards.counts, rank=self.rank, world_size=self.world_size, worker=worker,
+            num_workers=num_workers, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle,
+        )
+        stages: list = [partial(self._padded if self.pad else self._read, slices, row)]
+        if self.shuffle and self.shuffle_buffer > 1:
+            seed = hash((self.seed, self.epoch, self.rank, worker)) & 0x7FFFFFFF
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, seed=seed))
+        return iter(wds.DataPipeline(*stages))
+
+    def _padded(self, slices: list[Slice], row: int) -> Iterator[dict]:
+        """Yields exactly the planned count, re-reading the range when damage cost patches."""
+        want = sum(sl.stop - sl.start for sl in slices)
+        while want > 0:
+            got = 0
+            for sample in self._read(slices, row):
+                yield sample
+                got += 1
+                if got == want:
+                    break
+            if got == 0:
+                raise ShardError(f"no readable patch in this worker's range of {self.shards.root}")
+            want -= got
+
+
+class PatchLoader:
+    """A DataLoader over a PatchStream that checks each epoch yielded something and reports damage.
+
+    Batches are dicts: image (B, P, P, 3) uint8, index (B,) int64, label (B,) int64, key list[str].
+    """
+
+    def __init__(self, stream: PatchStream, *, batch_size: int, num_workers: int = 0, **loader_kw):
+        self.stream = stream
+        self.loader = DataLoader(
+            stream, batch_size=batch_size, num_workers=num_workers, persistent_workers=False, **loader_kw,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.stream.reset_stats()
+        yield from self.loader
+        stats = self.stream.stats()
+        if stats["patches"] == 0:
+            raise ShardError(
+                f"no readable sample in {self.stream.shards.root} "
+                f"({stats['record_errors']} damaged records, {stats['patches_lost']} patches lost)"
+            )
+        if stats["patches_lost"] or stats["record_errors"]:
+            log.warning("epoch skipped %d damaged records, lost %d patches", stats["record_errors"],
+                        stats["patches_lost"])
+
+    def stats(self) -> dict:
+        return self.stream.stats()

@@ -1,0 +1,59 @@
+"""End-to-end runs of `pretrain/run.py`, as a user runs it (a subprocess on a local Ray instance)."""
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.ray
+
+SMALL = ["--set", "data.patches_per_image=6", "--set", "data.images_per_shard=5", "--set", "tracking.wandb=offline"]
+
+
+def test_demo_run_builds_shards_then_skips_them(tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
+    assert first.returncode == 0, first.stderr
+    assert "stage shard: running (not run yet)" in first.stderr
+    assert "not built yet, so not run: features (#3)" in first.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    outputs = manifest["stages"]["shard"]["outputs"]
+    assert "shards/shards.json" in outputs and len(outputs) == 5  # 19 photos / 5 per shard = 4 tars + index
+    assert (run_dir / "config.yaml").is_file()
+    assert any((run_dir / "wandb").glob("offline-run-*"))  # real W&B, offline
+
+    second = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
+    assert second.returncode == 0, second.stderr
+    assert "stage shard: up to date, skipped" in second.stderr
+    assert json.loads((run_dir / "manifest.json").read_text())["stages"] == manifest["stages"]
+
+    changed = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.jpeg_quality=80"])
+    assert changed.returncode == 0 and "stage shard: running (config changed)" in changed.stderr
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped"] for m in metrics] == [False, True, False]
+
+
+def test_bad_key_and_missing_source_fail_in_one_line_and_write_nothing(tmp_path):
+    bad = run_cli(["pretrain/run.py", "--run-dir", str(tmp_path / "a"), "--set", "data.nope=1"])
+    assert bad.returncode == 2
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert bad.stderr.startswith("error: unknown config key 'data.nope'; valid keys: run.name")
+    missing = run_cli(["pretrain/run.py", "--run-dir", str(tmp_path / "b"), "--set", f"data.source={tmp_path}/x"])
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: source not found: {tmp_path}/x"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_existing_run_keeps_its_files_on_a_bad_rerun(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set",
+                    "tracking.wandb=disabled"]).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    bad = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), "--set", "data.source=/no/such/dir"])
+    assert bad.returncode == 2
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_help_lists_config_keys():
+    out = run_cli(["pretrain/run.py", "--help"])
+    assert out.returncode == 0 and "data.patches_per_image" in out.stdout and "--set KEY=VALUE" in out.stdout

@@ -1,0 +1,56 @@
+import json
+import tarfile
+
+from shards.build import build_shards
+from shards.shardset import ShardSet
+from shards.sources import list_items
+from tests.conftest import make_image_folder, run_cli
+
+
+def test_index_lists_counts_sizes_checksums(shard_dir, small_params):
+    info = json.loads((shard_dir / "shards.json").read_text())
+    assert info["patch_size_px"] == 32 and info["patches_per_record"] == 4
+    assert info["source"]["kind"] == "imagenet" and info["classes"] == ["cat", "coffee"]
+    assert [s["patches"] for s in info["shards"]] == [20, 20, 20]
+    assert [s["records"] for s in info["shards"]] == [5, 5, 5]
+    for s in info["shards"]:
+        assert (shard_dir / s["name"]).stat().st_size == s["bytes"]
+    with tarfile.open(shard_dir / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[:4] == ["r0000000.jpg", "r0000000.json", "r0000001.jpg", "r0000001.json"]
+
+
+def test_same_source_and_seed_give_identical_shards(tmp_path, shard_dir, small_params):
+    src = make_image_folder(tmp_path / "imgs")
+    info = build_shards(list_items(str(src)), tmp_path / "again", small_params, images_per_shard=2)
+    first = json.loads((shard_dir / "shards.json").read_text())
+    assert [s["sha256"] for s in info["shards"]] == [s["sha256"] for s in first["shards"]]
+
+
+def test_unreadable_image_is_skipped_and_reported(tmp_path, small_params):
+    src = make_image_folder(tmp_path / "imgs", classes=("cat",), per_class=3)
+    (src / "cat" / "cat_1.jpg").write_bytes(b"not a jpeg at all")
+    info = build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=10)
+    assert info["shards"][0]["skipped_images"] == ["cat/cat_1.jpg"]
+    assert info["total_patches"] == 20 and ShardSet.open(tmp_path / "out").total == 20
+
+
+def test_rebuild_with_fewer_shards_removes_stale_ones(tmp_path, small_params):
+    src = make_image_folder(tmp_path / "imgs", classes=("cat",), per_class=3)
+    build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=1)
+    build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=3)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-000000.tar"]
+
+
+def test_cli_builds_digits_and_rejects_missing_source(tmp_path):
+    ok = run_cli(["-m", "shards.build", "--source", "digits", "--out", str(tmp_path / "d"), "--patch-size", "16",
+                  "--patches-per-image", "1", "--num-shards", "3", "--no-ray"])
+    assert ok.returncode == 0, ok.stderr
+    shards = ShardSet.open(tmp_path / "d")
+    assert shards.total == 1797 and len(shards.names) == 3 and shards.patch_px == 16
+    bad = run_cli(["-m", "shards.build", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [f"error: source not found: {tmp_path / 'missing'}"]
+    assert not (tmp_path / "x").exists()
+    odd = run_cli(["-m", "shards.build", "--source", "demo", "--out", str(tmp_path / "y"), "--patch-size", "30"])
+    assert odd.returncode == 2 and "multiple of 8" in odd.stderr

@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from shards.reader import PatchStream
+from shards.shardset import ShardSet
+from shards.store import PatchStore
+
+
+def test_get_meta_and_key_lookup_agree_with_the_stream(shard_dir):
+    stream = {x["index"]: x for x in PatchStream(shard_dir, rank=0, world_size=1)}
+    store = PatchStore(shard_dir)
+    ask = np.array([59, 0, 21, 22, 3, 21])
+    got = store.get(ask)
+    for i, img in zip(ask, got):
+        assert np.array_equal(img, stream[int(i)]["image"])
+    meta = store.meta(ask)
+    assert [m["index"] for m in meta] == ask.tolist()
+    assert meta[1]["key"] == "cat/cat_0.jpg" and meta[1]["label"] == 0 and meta[0]["label"] == 1
+    keys = [stream[int(i)]["key"] for i in ask]
+    assert store.index_of(keys).tolist() == ask.tolist()
+    with pytest.raises(KeyError, match="unknown patch key"):
+        store.index_of(["nope@0,0,1,1"])
+
+
+def test_locate_and_range_checks(shard_dir):
+    shards = ShardSet.open(shard_dir)
+    shard, pos = shards.locate(np.array([0, 19, 20, 59]))
+    assert shard.tolist() == [0, 0, 1, 2] and pos.tolist() == [0, 19, 0, 19]
+    with pytest.raises(IndexError):
+        shards.locate(np.array([60]))
