@@ -10,12 +10,12 @@ RUN_DIR ?= runs/demo
 
 setup: $(STAMP)
 
+# cyvlfeat builds against the numpy and cython already in the venv, hence no build isolation.
 $(STAMP): pyproject.toml infra/install_vlfeat.sh
 	@infra/install_vlfeat.sh
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "discoattr needs Python >= 3.10"'
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q setuptools wheel numpy cython scipy
-	# cyvlfeat builds against the numpy/cython already in the venv, so no build isolation.
 	$(BIN)/pip install -q --no-build-isolation cyvlfeat
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $(STAMP)

@@ -25,7 +25,7 @@ from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_
 from pretrain.rundir import RunDir  # noqa: E402
 from pretrain.tracking import Tracker  # noqa: E402
 from shards.fsutil import atomic_write_text  # noqa: E402
-from shards.shardset import ShardError  # noqa: E402
+from shards.shardset import ShardError, ShardSet  # noqa: E402
 from shards.sources import SourceError  # noqa: E402
 
 log = logging.getLogger("pretrain.run")
@@ -59,11 +59,12 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
     )
     try:
         result = stages.shard_stage(cfg, run, data, ray_map, force="shard" in force)
-        shards = stages.shards_root(cfg, run)
-        index = stages.ShardSet.open(shards)
+        index = ShardSet.open(stages.shards_root(cfg, run))
         tracker.log({"stage": "shard", "skipped": result.skipped, "wall_s": result.record["wall_s"],
                      "patches": index.total, "shards": len(index.names)})
-        log.info("shards: %d patches in %d shards at %s", index.total, len(index.names), shards)
+        log.info("shards: %d patches in %d shards at %s", index.total, len(index.names), index.root)
+        preview = stages.patch_preview(index, run.path / "figures" / "patches.png", seed=cfg.run.seed)
+        tracker.log_image("shard/patches", preview)
         missing = ", ".join(f"{name} ({issue})" for name, issue in stages.PLANNED)
         log.info("not built yet, so not run: %s", missing)
         return {"run_dir": str(run.path), "patches": index.total}

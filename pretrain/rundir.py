@@ -36,8 +36,8 @@ class StageResult:
 
 class RunDir:
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.path = Path(path).resolve()
         manifest = self.manifest()
         if "run_id" not in manifest:  # stable across relaunches: W&B resumes the same run
             manifest.update(run_id=uuid.uuid4().hex[:12], created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -60,8 +60,8 @@ class RunDir:
         atomic_write_json(self.path / MANIFEST, manifest)
 
     def rel(self, path: str | Path) -> str:
-        p = Path(path)
-        return str(p.resolve().relative_to(self.path.resolve())) if p.is_absolute() else str(p)
+        """A path (absolute, or relative to the working directory) -> relative to the run directory."""
+        return str(Path(path).resolve().relative_to(self.path))
 
     def file_entry(self, path: str | Path, sha256: str | None = None) -> dict:
         p = self.path / self.rel(path)

@@ -9,11 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from pretrain.config import Config, ConfigError, to_dict
+from pretrain.figures import grid, save_png
 from pretrain.rundir import RunDir, StageResult
 from shards.build import build_shards
 from shards.fsutil import sha256_file
 from shards.shardset import SHARDS_JSON, ShardSet
+from shards.store import PatchStore
 from shards.sources import Listing, list_items, source_fingerprint
 from shards.writer import PatchParams
 
@@ -66,3 +70,10 @@ def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Call
 def shards_root(cfg: Config, run: RunDir) -> Path:
     """Where the patch shards of this run live."""
     return Path(cfg.data.shards_dir) if cfg.data.shards_dir else run.path / "shards"
+
+
+def patch_preview(shards: ShardSet | Path, out: Path, n: int = 64, seed: int = 0) -> Path:
+    """A grid of `n` random patches from the shards, as PNG (what the clustering will see)."""
+    store = PatchStore(shards.root if isinstance(shards, ShardSet) else shards)
+    pick = np.sort(np.random.default_rng(seed).choice(len(store), size=min(n, len(store)), replace=False))
+    return save_png(out, grid(store.get(pick), cols=8))

@@ -19,7 +19,7 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     outputs = manifest["stages"]["shard"]["outputs"]
     assert "shards/shards.json" in outputs and len(outputs) == 5  # 19 photos / 5 per shard = 4 tars + index
-    assert (run_dir / "config.yaml").is_file()
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "figures" / "patches.png").is_file()
     assert any((run_dir / "wandb").glob("offline-run-*"))  # real W&B, offline
 
     second = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
@@ -30,7 +30,8 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     changed = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.jpeg_quality=80"])
     assert changed.returncode == 0 and "stage shard: running (config changed)" in changed.stderr
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["skipped"] for m in metrics] == [False, True, False]
+    assert [m["skipped"] for m in metrics if m.get("stage") == "shard"] == [False, True, False]
+    assert sum(m.get("image") == "shard/patches" for m in metrics) == 3
 
 
 def test_bad_key_and_missing_source_fail_in_one_line_and_write_nothing(tmp_path):
@@ -57,3 +58,14 @@ def test_existing_run_keeps_its_files_on_a_bad_rerun(tmp_path):
 def test_help_lists_config_keys():
     out = run_cli(["pretrain/run.py", "--help"])
     assert out.returncode == 0 and "data.patches_per_image" in out.stdout and "--set KEY=VALUE" in out.stdout
+
+
+def test_grid_places_every_image():
+    import numpy as np
+
+    from pretrain.figures import grid
+
+    imgs = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 20, 30)])
+    g = grid(imgs, cols=2, pad_px=1)
+    assert g.shape == (9, 9, 3)
+    assert g[0, 0, 0] == 10 and g[0, 5, 0] == 20 and g[5, 0, 0] == 30 and g[5, 5, 0] == 255

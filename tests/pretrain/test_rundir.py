@@ -62,3 +62,11 @@ def test_failed_stage_leaves_previous_manifest_intact(tmp_path):
     manifest = json.loads(before)
     assert set(manifest["stages"]) == {"ok"} and len(manifest["run_id"]) == 12
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_relative_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = RunDir("runs/x")
+    rec = run.run_stage("s", Stage(run), config={}, inputs={}).record
+    assert list(rec["outputs"]) == ["a/out.txt"] and run.path == tmp_path / "runs" / "x"
+    assert RunDir("runs/x").why_not_done("s", {}, {}) is None

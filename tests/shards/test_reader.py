@@ -2,6 +2,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from shards.reader import PatchLoader, PatchStream, plan_epoch
 from shards.shardset import ShardError, record_offsets
@@ -32,7 +33,7 @@ def _read_all(root, world, workers, **kw):
         loader = PatchLoader(PatchStream(root, rank=rank, world_size=world, **kw), batch_size=7, num_workers=workers)
         idx, imgs = [], []
         for batch in loader:
-            assert batch["image"].dtype.is_floating_point is False and batch["image"].shape[1:] == (32, 32, 3)
+            assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (32, 32, 3)
             idx += batch["index"].tolist()
             imgs.append(batch["image"].numpy())
         per_rank.append((np.array(idx), np.concatenate(imgs), loader.stats()))
