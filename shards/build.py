@@ -11,6 +11,9 @@ record format is in shards/writer.py). Same source + seed -> byte-identical shar
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -26,14 +29,46 @@ from shards.writer import PatchParams, write_shard
 log = logging.getLogger(__name__)
 
 
+PROGRESS = ".build-progress.jsonl"
+
+
+def _task_key(chunk: list, params: PatchParams) -> str:
+    """What one shard is made of: its images and the patch settings."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+    for it in chunk:
+        h.update(f"{it.key}|{it.uri}|{it.label}|{it.offset}|{it.size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _finished_shards(out: Path, names: list[str], keys: list[str]) -> dict[str, dict]:
+    """Shards an interrupted build of the same chunks already wrote (from its progress file)."""
+    done: dict[str, dict] = {}
+    path = out / PROGRESS
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a line torn by the kill
+            continue
+        done[rec["name"]] = rec
+    reuse = {}
+    for name, key in zip(names, keys):
+        rec, shard = done.get(name), out / name
+        if rec and rec["task"] == key and shard.is_file() and shard.stat().st_size == rec["entry"]["bytes"]:
+            reuse[name] = rec["entry"]
+    return reuse
+
+
 def build_shards(
     listing: Listing, out: str | Path, params: PatchParams, *,
     images_per_shard: int | None = None, num_shards: int | None = None, mapper: Callable | None = None,
 ) -> dict:
     """Writes the shards and `shards.json` (written last, atomically); returns the index dict.
 
-    `mapper(fn, arg_tuples, desc=...)` runs the per-shard tasks: `shards.cluster.ray_map` for Ray,
-    `serial_map` (the default) in-process.
+    `mapper(fn, arg_tuples, desc=..., on_result=...)` runs the per-shard tasks: `shards.cluster.ray_map`
+    for Ray, `serial_map` (the default) in-process. Each finished shard is logged to a progress file,
+    so a build that was killed and is started again with the same source and settings writes only the
+    shards it had not finished.
     """
     from shards.cluster import serial_map
 
@@ -45,9 +80,24 @@ def build_shards(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"shard-{i:06d}.tar" for i in range(len(chunks))]
-    tasks = [(out / name, chunk, params) for name, chunk in zip(names, chunks)]
+    keys = [_task_key(chunk, params) for chunk in chunks]
+    entries = _finished_shards(out, names, keys)
+    todo = [i for i, name in enumerate(names) if name not in entries]
+    if entries:
+        log.info("resuming: %d of %d shards already written", len(entries), len(names))
     t0 = time.perf_counter()
-    entries = (mapper or serial_map)(write_shard, tasks, desc=f"shards ({listing.kind})")
+    with open(out / PROGRESS, "a") as progress:
+
+        def finished(i: int, entry: dict) -> None:
+            progress.write(json.dumps({"name": entry["name"], "task": keys[todo[i]], "entry": entry}) + "\n")
+            progress.flush()
+
+        results = (mapper or serial_map)(
+            write_shard, [(out / names[i], chunks[i], params) for i in todo],
+            desc=f"shards ({listing.kind})", on_result=finished,
+        )
+    entries.update((e["name"], e) for e in results)
+    shards = [entries[name] for name in names]
     index = {
         "format": FORMAT,
         "patch_size_px": params.patch_px,
@@ -56,16 +106,17 @@ def build_shards(
                    "patches_per_image": params.patches_per_image, "scale_range": list(params.scale_range),
                    "jpeg_quality": params.jpeg_quality, "seed": params.seed},
         "classes": listing.classes,
-        "total_patches": sum(e["patches"] for e in entries),
-        "shards": entries,
+        "total_patches": sum(e["patches"] for e in shards),
+        "shards": shards,
     }
     atomic_write_json(out / SHARDS_JSON, index)
+    (out / PROGRESS).unlink()
     for stale in out.glob("shard-*.tar"):  # left by an earlier build with more shards
         if stale.name not in names:
             stale.unlink()
-    skipped = sum(len(e["skipped_images"]) for e in entries)
+    skipped = sum(len(e["skipped_images"]) for e in shards)
     log.info("wrote %d patches in %d shards to %s in %.1fs (%d unreadable images skipped)",
-             index["total_patches"], len(entries), out, time.perf_counter() - t0, skipped)
+             index["total_patches"], len(shards), out, time.perf_counter() - t0, skipped)
     return index
 
 

@@ -30,20 +30,32 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     return f"ray: {where}, {len(ray.nodes())} node(s), {cpus} CPUs"
 
 
-def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1) -> list:
-    """Runs fn(*args) for each tuple as Ray tasks; returns results in input order (progress bar)."""
+def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1,
+            on_result: Callable[[int, object], None] | None = None) -> list:
+    """Runs fn(*args) for each tuple as Ray tasks; returns results in input order (progress bar).
+    `on_result(i, result)` is called in the driver as each task finishes, in completion order."""
     import ray
 
     task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
     refs = [task.remote(*args) for args in arg_tuples]
+    position = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
     with tqdm(total=len(refs), desc=desc, unit="task") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                if on_result is not None:
+                    on_result(position[ref], ray.get(ref))
             bar.update(len(done))
     return ray.get(refs)
 
 
-def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1) -> list:
+def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1,
+               on_result: Callable[[int, object], None] | None = None) -> list:
     """The same contract as `ray_map`, in this process."""
-    return [fn(*args) for args in tqdm(arg_tuples, desc=desc, unit="task")]
+    results = []
+    for i, args in enumerate(tqdm(arg_tuples, desc=desc, unit="task")):
+        results.append(fn(*args))
+        if on_result is not None:
+            on_result(i, results[-1])
+    return results

@@ -1,9 +1,12 @@
 import json
 import tarfile
 
+import pytest
+
 from shards.build import build_shards
 from shards.shardset import ShardSet
 from shards.sources import list_items
+from shards.writer import PatchParams
 from tests.conftest import make_image_folder, run_cli
 
 
@@ -54,3 +57,44 @@ def test_cli_builds_digits_and_rejects_missing_source(tmp_path):
     assert not (tmp_path / "x").exists()
     odd = run_cli(["-m", "shards.build", "--source", "demo", "--out", str(tmp_path / "y"), "--patch-size", "30"])
     assert odd.returncode == 2 and "multiple of 8" in odd.stderr
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_build_resumes_with_the_shards_it_had_not_finished(tmp_path, small_params):
+    from shards.cluster import serial_map
+
+    src = list_items(str(make_image_folder(tmp_path / "imgs")))  # 6 images -> 3 shards of 2
+
+    def killed_after_two(fn, tasks, **kw):
+        def run(*args):
+            if args[0].name == "shard-000002.tar":
+                raise Killed
+            return fn(*args)
+        return serial_map(run, tasks, **kw)
+
+    with pytest.raises(Killed):
+        build_shards(src, tmp_path / "out", small_params, images_per_shard=2, mapper=killed_after_two)
+    assert not (tmp_path / "out" / "shards.json").exists()
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
+    assert sorted(written) == ["shard-000000.tar", "shard-000001.tar"]
+
+    ran = []
+
+    def counting(fn, tasks, **kw):
+        ran.extend(t[0].name for t in tasks)
+        return serial_map(fn, tasks, **kw)
+
+    info = build_shards(src, tmp_path / "out", small_params, images_per_shard=2, mapper=counting)
+    assert ran == ["shard-000002.tar"]
+    assert {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in written} == written
+    clean = build_shards(src, tmp_path / "clean", small_params, images_per_shard=2)
+    assert info["shards"] == clean["shards"]
+    assert not (tmp_path / "out" / ".build-progress.jsonl").exists()
+    # other settings make other shards: nothing is reused
+    ran.clear()
+    build_shards(src, tmp_path / "out", PatchParams(**{**small_params.__dict__, "seed": 9}),
+                 images_per_shard=2, mapper=counting)
+    assert len(ran) == 3
