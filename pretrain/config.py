@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -27,11 +28,22 @@ class ConfigError(ValueError):
     """A bad config file or override; the message is one line for the user."""
 
 
+def _check(ok: bool, key: str, rule: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key}: must be {rule}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     name: str = "demo"  # run directory is <root>/<name> unless --run-dir is given
     root: str = "runs"
     seed: int = 0
+
+    def __post_init__(self):
+        _check(bool(self.name.strip()) and "/" not in self.name, "run.name", "a non-empty name without '/'",
+               self.name)
+        _check(bool(self.root.strip()), "run.root", "a non-empty path", self.root)
+        _check(self.seed >= 0, "run.seed", ">= 0", self.seed)
 
 
 @dataclass(frozen=True)
@@ -48,11 +60,19 @@ class DataConfig:
     jpeg_quality: int = 90
     images_per_shard: int = 4
 
+    def __post_init__(self):
+        # the patch geometry is checked where it is used (shards.writer.PatchParams), before Ray starts
+        _check(bool(self.source.strip()), "data.source", "a source (demo, digits or a path)", self.source)
+        _check(self.images_per_shard >= 1, "data.images_per_shard", ">= 1", self.images_per_shard)
+
 
 @dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS when set (ray job submit), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
+
+    def __post_init__(self):
+        _check(self.num_cpus >= 0, "ray.num_cpus", ">= 0", self.num_cpus)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,11 @@ class TrackingConfig:
     project: str = "discoattr"
     entity: str = ""
     init_timeout_s: float = 30.0
+
+    def __post_init__(self):
+        modes = ("auto", "online", "offline", "disabled")
+        _check(self.wandb in modes, "tracking.wandb", " | ".join(modes), self.wandb)
+        _check(self.init_timeout_s > 0, "tracking.init_timeout_s", "> 0", self.init_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -96,7 +121,12 @@ def _coerce(key: str, value, typ):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, str):  # YAML reads 1e3 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif typ is str:
         if value is None:
@@ -136,24 +166,49 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _field_type(dotted: str):
+    typ = Config
+    for part in dotted.split("."):
+        typ = typing.get_type_hints(typ)[part]
+    return typ
+
+
+def _parse_override(key: str, raw: str):
+    """An override's text -> a value of its field's type (text fields keep the text as typed)."""
+    typ = _field_type(key)
+    if typ is str:
+        return raw
+    if typ in (int, float):
+        try:
+            return typ(raw.strip())
+        except ValueError:
+            raise ConfigError(f"config key {key}: expected {typ.__name__}, got {raw!r}") from None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"config key {key}: cannot parse {raw!r}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """YAML file (default: demo.yaml) + `a.b=c` overrides -> Config. Raises ConfigError."""
     path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid YAML file ({str(exc).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    keys = valid_keys()
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        if key.strip() not in valid_keys():
-            raise ConfigError(f"unknown config key '{key.strip()}'; valid keys: {', '.join(valid_keys())}")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        if key not in keys:
+            raise ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(keys)}")
+        _set_dotted(tree, key, _parse_override(key, raw))
     return _build(Config, tree)
 
 

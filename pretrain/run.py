@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ if __package__ in (None, ""):
 
 from pretrain import stages  # noqa: E402
 from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
-from pretrain.rundir import RunDir  # noqa: E402
+from pretrain.rundir import RunDir, RunDirError  # noqa: E402
 from pretrain.tracking import Tracker  # noqa: E402
 from shards.fsutil import atomic_write_text  # noqa: E402
 from shards.shardset import ShardError, ShardSet  # noqa: E402
@@ -48,7 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(cfg, run_dir: Path, force: list[str]) -> dict:
     data = stages.check_data(cfg)  # a bad source fails here, before Ray starts or anything is written
+    if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not run_dir.is_absolute():
+        # a job's working directory is Ray's unpacked copy of the code, deleted with the job
+        raise ConfigError(f"on a cluster the run directory must be an absolute shared path, got {run_dir}")
     run = RunDir(run_dir)
+    run.lock()
     atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
     from shards.cluster import connect, ray_map
 
@@ -63,8 +68,11 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
         tracker.log({"stage": "shard", "skipped": result.skipped, "wall_s": result.record["wall_s"],
                      "patches": index.total, "shards": len(index.names)})
         log.info("shards: %d patches in %d shards at %s", index.total, len(index.names), index.root)
-        preview = stages.patch_preview(index, run.path / "figures" / "patches.png", seed=cfg.run.seed)
-        tracker.log_image("shard/patches", preview)
+        try:
+            preview = stages.patch_preview(index, run.path / "figures" / "patches.png", seed=cfg.run.seed)
+            tracker.log_image("shard/patches", preview)
+        except ShardError as exc:  # a figure never stops a run
+            log.warning("patch preview skipped: %s", exc)
         missing = ", ".join(f"{name} ({issue})" for name, issue in stages.PLANNED)
         log.info("not built yet, so not run: %s", missing)
         return {"run_dir": str(run.path), "patches": index.total}
@@ -85,7 +93,7 @@ def main(argv=None) -> int:
         if unknown:
             raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; built stages: shard")
         run(cfg, run_dir, args.force)
-    except (ConfigError, SourceError, ShardError) as exc:
+    except (ConfigError, SourceError, ShardError, RunDirError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

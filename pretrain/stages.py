@@ -36,7 +36,11 @@ def patch_params(cfg: Config) -> PatchParams:
 def check_data(cfg: Config) -> Listing | ShardSet:
     """Fails fast (SourceError/ShardError/ValueError) on a missing source or bad patch settings."""
     if cfg.data.shards_dir:
-        return ShardSet.open(cfg.data.shards_dir)
+        shards = ShardSet.open(Path(cfg.data.shards_dir).resolve())
+        if shards.patch_px != cfg.data.patch_size_px:
+            raise ConfigError(f"data.shards_dir holds {shards.patch_px}px patches but data.patch_size_px is "
+                              f"{cfg.data.patch_size_px}")
+        return shards
     try:
         patch_params(cfg)
     except ValueError as exc:
@@ -69,7 +73,7 @@ def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Call
 
 def shards_root(cfg: Config, run: RunDir) -> Path:
     """Where the patch shards of this run live."""
-    return Path(cfg.data.shards_dir) if cfg.data.shards_dir else run.path / "shards"
+    return Path(cfg.data.shards_dir).resolve() if cfg.data.shards_dir else run.path / "shards"
 
 
 def patch_preview(shards: ShardSet | Path, out: Path, n: int = 64, seed: int = 0) -> Path:

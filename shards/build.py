@@ -79,6 +79,8 @@ def build_shards(
     chunks = [listing.items[i : i + images_per_shard] for i in range(0, n, images_per_shard)]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob("shard-*.tar.*.tmp"):  # partial shards of a killed build
+        tmp.unlink()
     names = [f"shard-{i:06d}.tar" for i in range(len(chunks))]
     keys = [_task_key(chunk, params) for chunk in chunks]
     entries = _finished_shards(out, names, keys)
@@ -98,6 +100,8 @@ def build_shards(
         )
     entries.update((e["name"], e) for e in results)
     shards = [entries[name] for name in names]
+    if sum(e["patches"] for e in shards) == 0:
+        raise SourceError(f"no patch could be made: all {n} images of {listing.source} are unreadable")
     index = {
         "format": FORMAT,
         "patch_size_px": params.patch_px,
@@ -143,6 +147,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     try:
+        if (args.num_shards is not None and args.num_shards < 1) or (
+                args.images_per_shard is not None and args.images_per_shard < 1):
+            raise ValueError("--num-shards and --images-per-shard must be >= 1")
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} exists and is not a directory")
         params = PatchParams(
             patch_px=args.patch_size, patches_per_image=args.patches_per_image,
             scale_range=tuple(args.scale_range), patches_per_record=args.patches_per_record,
@@ -158,8 +167,15 @@ def main(argv=None) -> int:
 
         log.info(connect())
         mapper = ray_map
-    build_shards(listing, args.out, params, images_per_shard=args.images_per_shard,
-                 num_shards=args.num_shards, mapper=mapper)
+    try:
+        build_shards(listing, args.out, params, images_per_shard=args.images_per_shard,
+                     num_shards=args.num_shards, mapper=mapper)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write shards to {args.out}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -34,7 +34,9 @@ from shards.writer import decode_strip
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 64
-STAT_FIELDS = ("patches", "patches_lost", "record_errors")
+# patches: yielded (pad refills included); patches_lost: planned but unreadable; patches_repeated: pad
+# refills; record_errors: damage events (one truncation can raise more than one)
+STAT_FIELDS = ("patches", "patches_lost", "patches_repeated", "record_errors")
 
 
 @dataclass(frozen=True)
@@ -89,39 +91,63 @@ class _ErrorCounter:
         self.counters, self.row = counters, row
 
     def __call__(self, exn: Exception) -> bool:
-        if self.counters[self.row, 2] < 3:
+        if self.counters[self.row, 3] < 3:
             log.warning("skipping damaged shard data: %s", repr(exn)[:200])
-        self.counters[self.row, 2] += 1
+        self.counters[self.row, 3] += 1
         return True
 
 
-def read_slice(shards: ShardSet, sl: Slice, handler) -> Iterator[dict]:
-    """Yields {"index", "key", "label", "image" (P, P, 3) uint8} for the readable patches of a slice."""
-    per = shards.patches_per_record
-    path = shards.path(sl.shard)
-    offs = record_offsets(path)
-    r0, r1 = sl.start // per, (sl.stop - 1) // per
-    known = np.flatnonzero(offs.header[r0 : r1 + 2] >= 0) + r0 if r0 < len(offs.header) else []
-    if len(known) == 0 or known[0] > r1:
-        return
-    begin = int(offs.header[known[0]])
-    after = known[known > r1]
-    end = int(offs.header[after[0]]) if len(after) else offs.file_size
-    shard_start = int(shards.starts[sl.shard])
+def _tar_samples(path: Path, begin: int, end: int, handler) -> Iterator[dict]:
+    """webdataset samples from the byte range [begin, end) of a shard (a run of whole records)."""
     with open(path, "rb") as f:
         f.seek(begin)
         stream = io.BufferedReader(_Bounded(f, end - begin), buffer_size=1 << 20)
         files = tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
-        for sample in group_by_keys(files, handler=handler):
+        yield from group_by_keys(files, handler=handler)
+
+
+def _parse_record(sample: dict, patch_px: int, per_record: int) -> tuple[int, dict, np.ndarray]:
+    """A webdataset sample -> (record number, metadata, patches). Raises on any inconsistency."""
+    record = int(sample["__key__"].removeprefix("r"))
+    meta = json.loads(sample["json"])
+    patches = decode_strip(sample["jpg"], patch_px)
+    n = len(patches)
+    if int(meta["first"]) != record * per_record or not len(meta["keys"]) == len(meta["boxes"]) == \
+            len(meta["labels"]) == n:
+        raise ValueError(f"record {sample['__key__']}: metadata does not match its {n} patches")
+    return record, meta, patches
+
+
+def read_slice(shards: ShardSet, sl: Slice, handler) -> Iterator[dict]:
+    """Yields {"index", "key", "label", "image" (P, P, 3) uint8} for the readable patches of a slice.
+
+    Reads the slice's records as one tar stream; when damage ends the stream early, picks up again
+    at the next record whose header the offset scan found, so one bad record costs only itself.
+    """
+    per = shards.patches_per_record
+    path = shards.path(sl.shard)
+    offs = record_offsets(path)
+    shard_start = int(shards.starts[sl.shard])
+    r0, r1 = sl.start // per, (sl.stop - 1) // per
+    unscanned = int(np.sum(offs.header[r0 : r1 + 1] < 0)) + max(0, r1 + 1 - max(r0, len(offs.header)))
+    if unscanned:  # records the header scan never found: cut off by truncation or unreadable
+        handler(ShardError(f"{path.name}: {unscanned} record(s) of records {r0}-{r1} not found"))
+    next_record = r0
+    while next_record <= r1:
+        known = np.flatnonzero(offs.header[next_record:] >= 0) + next_record
+        if len(known) == 0 or known[0] > r1:
+            return
+        after = known[known > r1]
+        end = int(offs.header[after[0]]) if len(after) else offs.file_size
+        next_record = int(known[0]) + 1  # progress even if this stream yields nothing
+        for sample in _tar_samples(path, int(offs.header[known[0]]), end, handler):
             try:
-                meta = json.loads(sample["json"])
-                patches = decode_strip(sample["jpg"], shards.patch_px)
-                if len(patches) != len(meta["keys"]):
-                    raise ValueError(f"record {sample['__key__']}: {len(patches)} patches, {len(meta['keys'])} keys")
-            except (KeyError, ValueError, TypeError) as exc:
+                record, meta, patches = _parse_record(sample, shards.patch_px, per)
+            except (KeyError, ValueError, TypeError, AttributeError) as exc:
                 handler(exc)
                 continue
-            first = int(meta["first"])
+            next_record = max(next_record, record + 1)
+            first = record * per
             for j in range(max(sl.start - first, 0), min(sl.stop - first, len(patches))):
                 # a copy, so a shuffle buffer does not pin whole strips
                 yield {"index": shard_start + first + j, "key": patch_key(meta["keys"][j], meta["boxes"][j]),
@@ -160,6 +186,11 @@ class PatchStream(IterableDataset):
     def __len__(self) -> int:
         return self.shards.total // self.world_size
 
+    def worker_counts(self, num_workers: int) -> list[int]:
+        """Patches each of `num_workers` loader workers yields per epoch (they differ by at most 1)."""
+        n, k = len(self), max(num_workers, 1)
+        return [n * (w + 1) // k - n * w // k for w in range(k)]
+
     def stats(self) -> dict:
         totals = self.counters.sum(0).tolist()
         return dict(zip(STAT_FIELDS, totals))
@@ -167,7 +198,7 @@ class PatchStream(IterableDataset):
     def reset_stats(self) -> None:
         self.counters.zero_()
 
-    def _read(self, slices: list[Slice], row: int) -> Iterator[dict]:
+    def _read(self, slices: list[Slice], row: int, first_pass: bool = True) -> Iterator[dict]:
         handler = _ErrorCounter(self.counters, row)
         for sl in slices:
             n, done = 0, False
@@ -177,8 +208,8 @@ class PatchStream(IterableDataset):
                     yield sample
                 done = True
             finally:  # also when the consumer stops early (pad mode)
-                self.counters[row, 0] += n
-                if done:
+                self.counters[row, 0 if first_pass else 2] += n
+                if done and first_pass:
                     self.counters[row, 1] += (sl.stop - sl.start) - n
 
     def __iter__(self) -> Iterator[dict]:
@@ -191,24 +222,33 @@ class PatchStream(IterableDataset):
             self.shards.counts, rank=self.rank, world_size=self.world_size, worker=worker,
             num_workers=num_workers, epoch=self.epoch, seed=self.seed, shuffle=self.shuffle,
         )
-        stages: list = [partial(self._padded if self.pad else self._read, slices, row)]
+        source = partial(self._padded, slices, row, worker) if self.pad else partial(self._read, slices, row)
+        stages: list = [source]
         if self.shuffle and self.shuffle_buffer > 1:
             seed = hash((self.seed, self.epoch, self.rank, worker)) & 0x7FFFFFFF
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer // 4, seed=seed))
         return iter(wds.DataPipeline(*stages))
 
-    def _padded(self, slices: list[Slice], row: int) -> Iterator[dict]:
-        """Yields exactly the planned count, re-reading the range when damage cost patches."""
+    def _padded(self, slices: list[Slice], row: int, worker: int) -> Iterator[dict]:
+        """Yields exactly the planned count. Patches lost to damage are made up with readable ones
+        from anywhere in the set (starting at a point that differs per rank and worker), so equal
+        per-rank counts survive a damaged shard; only a set with no readable patch is an error."""
         want = sum(sl.stop - sl.start for sl in slices)
+        for sample in self._read(slices, row):
+            want -= 1
+            yield sample
+        everything = plan_epoch(self.shards.counts, epoch=self.epoch, seed=self.seed, shuffle=True)
+        turn = (self.rank * MAX_WORKERS + worker) % len(everything)
+        everything = everything[turn:] + everything[:turn]
         while want > 0:
             got = 0
-            for sample in self._read(slices, row):
+            for sample in self._read(everything, row, first_pass=False):
                 yield sample
                 got += 1
                 if got == want:
                     break
             if got == 0:
-                raise ShardError(f"no readable patch in this worker's range of {self.shards.root}")
+                raise ShardError(f"no readable patch in {self.shards.root}")
             want -= got
 
 
@@ -225,20 +265,22 @@ class PatchLoader:
         )
 
     def __len__(self) -> int:
-        return len(self.loader)
+        """Batches per epoch: each loader worker batches its own share, last batch partial."""
+        b = self.loader.batch_size
+        return sum(-(-n // b) for n in self.stream.worker_counts(self.loader.num_workers))
 
     def __iter__(self):
         self.stream.reset_stats()
         yield from self.loader
         stats = self.stream.stats()
-        if stats["patches"] == 0:
+        if stats["patches"] + stats["patches_repeated"] == 0:
             raise ShardError(
                 f"no readable sample in {self.stream.shards.root} "
-                f"({stats['record_errors']} damaged records, {stats['patches_lost']} patches lost)"
+                f"({stats['record_errors']} damage events, {stats['patches_lost']} patches lost)"
             )
         if stats["patches_lost"] or stats["record_errors"]:
-            log.warning("epoch skipped %d damaged records, lost %d patches", stats["record_errors"],
-                        stats["patches_lost"])
+            log.warning("epoch met %d damage events: %d patches lost, %d refilled", stats["record_errors"],
+                        stats["patches_lost"], stats["patches_repeated"])
 
     def stats(self) -> dict:
         return self.stream.stats()

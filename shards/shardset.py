@@ -53,6 +53,8 @@ class ShardSet:
             patch_px, per_record = int(info["patch_size_px"]), int(info["patches_per_record"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ShardError(f"{index} is not a valid shard index: {exc}") from None
+        if info.get("format") != FORMAT:
+            raise ShardError(f"{index} has format {info.get('format')!r}; this version reads {FORMAT!r}")
         missing = [n for n in names if not (root / n).is_file()]
         if missing:
             raise ShardError(f"{len(missing)} shard(s) listed in {index} are missing, first: {missing[0]}")
@@ -95,10 +97,11 @@ def _scan(path: str, mtime_ns: int, size: int) -> RecordOffsets:
     header: dict[int, int] = {}
     members: dict[str, dict[int, tuple[int, int]]] = {"jpg": {}, "json": {}}
     try:
-        with tarfile.open(path, "r:") as tar:  # reads headers only; data is seeked over
+        # reads headers only (data is seeked over); ignore_zeros resyncs after a damaged header
+        with tarfile.open(path, "r:", ignore_zeros=True) as tar:
             for m in tar:
                 stem, _, ext = m.name.partition(".")
-                if not stem.startswith("r") or ext not in members:
+                if not (stem.startswith("r") and stem[1:].isdigit()) or ext not in members:
                     continue
                 rec = int(stem[1:])
                 header[rec] = min(header.get(rec, m.offset), m.offset)

@@ -141,13 +141,15 @@ def _list_voc(source: str):
 def _list_tar(source: str):
     items = []
     try:
-        with tarfile.open(source, "r:*") as tar:
+        # plain tars only: members are read in place by offset, which a compressed stream cannot do
+        with tarfile.open(source, "r:") as tar:
             for m in tar:
                 if m.isreg() and _is_image(Path(m.name)):
                     items.append(Item(key=m.name, uri=f"tar:{source}", offset=m.offset_data, size=m.size))
     except (tarfile.TarError, EOFError) as exc:
         if not items:
-            raise SourceError(f"cannot read tar {source}: {exc}") from None
+            raise SourceError(f"cannot read {source} as an uncompressed tar ({str(exc).splitlines()[0]}); "
+                              "decompress it first") from None
     items.sort(key=lambda it: it.key)
     return items, []
 

@@ -22,6 +22,14 @@ class PatchStore:
     def __len__(self) -> int:
         return self.shards.total
 
+    def _meta(self, shard: int, record: int) -> dict:
+        try:
+            return json.loads(self._member(shard, record, "json"))
+        except ValueError as exc:
+            if isinstance(exc, ShardError):
+                raise
+            raise ShardError(f"{self.shards.names[shard]}: record {record} metadata is damaged") from None
+
     def _member(self, shard: int, record: int, ext: str) -> bytes:
         path = self.shards.path(shard)
         offs = record_offsets(path)
@@ -54,8 +62,9 @@ class PatchStore:
         p = self.shards.patch_px
         out = np.empty((len(indices), p, p, 3), np.uint8)
         for shard, record, slots, where in self._by_record(indices):
+            data = self._member(shard, record, "jpg")
             try:
-                strip = decode_strip(self._member(shard, record, "jpg"), p, fast=True)
+                strip = decode_strip(data, p, fast=True)
             except ValueError as exc:
                 raise ShardError(f"{self.shards.names[shard]}: record {record} does not decode: {exc}") from None
             out[where] = strip[slots]
@@ -66,7 +75,7 @@ class PatchStore:
         indices = np.atleast_1d(np.asarray(indices, np.int64))
         out: list[dict] = [{}] * len(indices)
         for shard, record, slots, where in self._by_record(indices):
-            meta = json.loads(self._member(shard, record, "json"))
+            meta = self._meta(shard, record)
             for slot, w in zip(slots, where):
                 out[w] = {"index": int(indices[w]), "key": meta["keys"][slot],
                           "box": meta["boxes"][slot], "label": meta["labels"][slot]}
@@ -80,7 +89,7 @@ class PatchStore:
             for shard, count in enumerate(self.shards.counts):
                 n_rec = -(-int(count) // self.shards.patches_per_record)
                 for record in range(n_rec):
-                    meta = json.loads(self._member(shard, record, "json"))
+                    meta = self._meta(shard, record)
                     for key, box in zip(meta["keys"], meta["boxes"]):
                         self._key_index[patch_key(key, box)] = index
                         index += 1

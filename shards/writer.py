@@ -25,6 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import simplejpeg
 import webdataset as wds
+from PIL import Image
 
 from shards.patches import image_patches
 from shards.sources import Item, load_image
@@ -49,6 +50,13 @@ class PatchParams:
             raise ValueError(f"scale range must satisfy 0 < lo <= hi <= 1, got {self.scale_range}")
         if self.patches_per_image < 1 or self.patches_per_record < 1:
             raise ValueError("patches per image and per record must be >= 1")
+        if self.patch_px * self.patches_per_record > 65500:  # a record is one JPEG strip
+            raise ValueError(f"patch size x patches per record must be <= 65500 (JPEG limit), got "
+                             f"{self.patch_px} x {self.patches_per_record}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"JPEG quality must be in 1..100, got {self.jpeg_quality}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def encode_strip(patches: np.ndarray, quality: int) -> bytes:
@@ -88,7 +96,7 @@ def iter_image_patches(items: Iterable[Item], params: PatchParams, skipped: list
     for item in items:
         try:
             image = load_image(item)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on bad files
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # PIL's ways to fail
             log.warning("skipping unreadable image %s: %s", item.key, exc)
             skipped.append(item.key)
             continue
@@ -134,8 +142,9 @@ def write_shard(path: str | Path, items: list[Item], params: PatchParams) -> dic
     n_patches = n_records = 0
     with open(tmp, "wb") as raw:
         sink = _HashingFile(raw)
-        # mtime fixed so that the same input gives byte-identical shards (stable checksums).
-        with wds.TarWriter(sink, encoder=False, mtime=0.0) as writer:
+        # mtime fixed so that the same input gives byte-identical shards (stable checksums); an int,
+        # since a float mtime makes tarfile add a 1 KiB PAX header to every member.
+        with wds.TarWriter(sink, encoder=False, mtime=0) as writer:
             for record, n in _records(iter_image_patches(items, params, skipped), params):
                 writer.write(record)
                 n_records += 1

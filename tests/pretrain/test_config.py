@@ -46,3 +46,25 @@ def test_resolved_config_round_trips_and_hash_is_stable(tmp_path):
     assert config_hash(cfg.data) == config_hash(to_dict(cfg.data))
     assert config_hash(cfg.data) != config_hash(load_config().data)
     assert set(yaml.safe_load(dump_yaml(cfg))) == {k.split(".")[0] for k in valid_keys()}
+
+
+def test_override_text_is_parsed_by_field_type():
+    cfg = load_config(None, ["run.name=007", "data.source=a: b", "tracking.init_timeout_s=1e3"])
+    assert cfg.run.name == "007" and cfg.data.source == "a: b" and cfg.tracking.init_timeout_s == 1000.0
+    for bad, msg in [("data.source=", "data.source: must be a source"),
+                     ("run.name=", "run.name: must be a non-empty name"),
+                     ("tracking.wandb=bogus", "tracking.wandb: must be auto | online"),
+                     ("tracking.init_timeout_s=nan", "expected float"),
+                     ("ray.num_cpus=-1", "ray.num_cpus: must be >= 0"),
+                     ("run.seed=-1", "run.seed: must be >= 0"),
+                     ("data.scale_range=[oops", "cannot parse")]:
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, [bad])
+
+
+def test_unreadable_config_file_is_one_line(tmp_path):
+    f = tmp_path / "bin.yaml"
+    f.write_bytes(b"\xff\xfe\x00junk")
+    with pytest.raises(ConfigError, match="not a valid YAML file") as err:
+        load_config(f)
+    assert "\n" not in str(err.value)

@@ -69,3 +69,30 @@ def test_grid_places_every_image():
     g = grid(imgs, cols=2, pad_px=1)
     assert g.shape == (9, 9, 3)
     assert g[0, 0, 0] == 10 and g[0, 5, 0] == 20 and g[5, 0, 0] == 30 and g[5, 5, 0] == 255
+
+
+def test_prebuilt_shards_dir_is_recorded_and_checked(tmp_path, shard_dir):
+    run_dir = tmp_path / "run"
+    base = ["pretrain/run.py", "--run-dir", str(run_dir), "--set", "tracking.wandb=disabled"]
+    ok = run_cli([*base, "--set", f"data.shards_dir={shard_dir}", "--set", "data.patch_size_px=32"])
+    assert ok.returncode == 0, ok.stderr
+    assert "shards: 60 patches in 3 shards" in ok.stderr and not (run_dir / "shards").exists()
+    rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["shard"]
+    assert rec["config"]["shards_dir"] == str(shard_dir.resolve()) and rec["inputs"]["shards"]
+    wrong = run_cli([*base, "--set", f"data.shards_dir={shard_dir}"])
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().splitlines() == [
+        "error: data.shards_dir holds 32px patches but data.patch_size_px is 96"]
+
+
+def test_cluster_runs_need_an_absolute_run_dir_and_one_driver_per_dir(tmp_path):
+    rel = run_cli(["pretrain/run.py", "--run-dir", "runs/x"], env_extra={"RAY_ADDRESS": "127.0.0.1:1"})
+    assert rel.returncode == 2 and "must be an absolute shared path" in rel.stderr
+    from pretrain.rundir import RunDir
+
+    held = RunDir(tmp_path / "busy")
+    held.lock()
+    busy = run_cli(["pretrain/run.py", "--run-dir", str(tmp_path / "busy")])
+    held.unlock()
+    assert busy.returncode == 2 and busy.stderr.strip().splitlines()[-1].startswith("error: run directory")
+    assert "in use by another run" in busy.stderr

@@ -70,3 +70,51 @@ def test_relative_run_dir(tmp_path, monkeypatch):
     rec = run.run_stage("s", Stage(run), config={}, inputs={}).record
     assert list(rec["outputs"]) == ["a/out.txt"] and run.path == tmp_path / "runs" / "x"
     assert RunDir("runs/x").why_not_done("s", {}, {}) is None
+
+
+def test_same_size_content_change_is_seen(tmp_path):
+    run = RunDir(tmp_path)
+    run.run_stage("s", Stage(run, "abc"), config={}, inputs={})
+    (tmp_path / "a" / "out.txt").write_text("abd")
+    assert run.why_not_done("s", {}, {}) == "output a/out.txt missing or changed"
+    (tmp_path / "a" / "out.txt").write_text("abc")  # same bytes back, newer mtime: still done
+    assert run.why_not_done("s", {}, {}) is None
+
+
+def test_killed_redo_drops_the_old_record(tmp_path):
+    run = RunDir(tmp_path)
+    run.run_stage("s", Stage(run), config={"k": 1}, inputs={})
+
+    def killed_midway():
+        (tmp_path / "a" / "out.txt").write_text("hal")  # half rewritten, same size
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run.run_stage("s", killed_midway, config={"k": 2}, inputs={})
+    assert run.why_not_done("s", {"k": 1}, {}) == "not run yet"
+
+
+def test_fingerprint_covers_inputs_of_stages_without_outputs(tmp_path):
+    run = RunDir(tmp_path)
+    run.run_stage("prebuilt", lambda: {}, config={"dir": "/a"}, inputs={"index": "1"})
+    fp = run.outputs_fingerprint("prebuilt")
+    run.run_stage("prebuilt", lambda: {}, config={"dir": "/b"}, inputs={"index": "2"})
+    assert run.outputs_fingerprint("prebuilt") != fp
+
+
+def test_one_driver_per_run_directory(tmp_path):
+    from pretrain.rundir import RunDirError
+
+    first, second = RunDir(tmp_path), RunDir(tmp_path)
+    first.lock()
+    with pytest.raises(RunDirError, match="in use by another run"):
+        second.lock()
+    first.unlock()
+    second.lock()
+    second.unlock()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="not a directory"):
+        RunDir(tmp_path / "file")
+    (tmp_path / "manifest.json").write_text("{torn")
+    with pytest.raises(RunDirError, match="damaged"):
+        RunDir(tmp_path)

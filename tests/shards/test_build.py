@@ -98,3 +98,27 @@ def test_killed_build_resumes_with_the_shards_it_had_not_finished(tmp_path, smal
     build_shards(src, tmp_path / "out", PatchParams(**{**small_params.__dict__, "seed": 9}),
                  images_per_shard=2, mapper=counting)
     assert len(ran) == 3
+
+
+def test_cli_bad_inputs_are_one_line_errors(tmp_path):
+    src = make_image_folder(tmp_path / "imgs", classes=("cat",), per_class=2)
+    with tarfile.open(tmp_path / "imgs.tar.gz", "w:gz") as tar:
+        tar.add(src / "cat", arcname="cat")
+    (tmp_path / "afile").write_text("x")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"garbage")
+    cases = [
+        (["--source", str(tmp_path / "imgs.tar.gz"), "--out", str(tmp_path / "o1")], "decompress it first"),
+        (["--source", str(junk), "--out", str(tmp_path / "o2"), "--no-ray"], "no patch could be made"),
+        (["--source", str(src), "--out", str(tmp_path / "afile")], "exists and is not a directory"),
+        (["--source", str(src), "--out", str(tmp_path / "o3"), "--num-shards", "0"], "must be >= 1"),
+        (["--source", str(src), "--out", str(tmp_path / "o4"), "--jpeg-quality", "500"], "1..100"),
+        (["--source", "digits", "--out", str(tmp_path / "o5"), "--patches-per-record", "1000"], "65500"),
+    ]
+    for args, msg in cases:
+        out = run_cli(["-m", "shards.build", *args])
+        assert out.returncode == 2, (args, out.stderr[-500:])
+        last = out.stderr.strip().splitlines()[-1]  # after the progress bar, when the build started
+        assert last.startswith("error: ") and msg in last and "Traceback" not in out.stderr, (args, out.stderr)
+    assert not (tmp_path / "o2" / "shards.json").exists()

@@ -31,11 +31,14 @@ def _read_all(root, world, workers, **kw):
     per_rank = []
     for rank in range(world):
         loader = PatchLoader(PatchStream(root, rank=rank, world_size=world, **kw), batch_size=7, num_workers=workers)
-        idx, imgs = [], []
+        idx, imgs, batches = [], [], 0
         for batch in loader:
+            batches += 1
             assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (32, 32, 3)
             idx += batch["index"].tolist()
             imgs.append(batch["image"].numpy())
+        if loader.stats()["patches_lost"] == 0:
+            assert batches == len(loader)
         per_rank.append((np.array(idx), np.concatenate(imgs), loader.stats()))
     return per_rank
 
@@ -50,7 +53,7 @@ def test_two_ranks_two_workers_read_every_patch_once(shard_dir, shuffle):
     store = PatchStore(shard_dir)
     for idx, imgs, stats in ranks:
         assert np.array_equal(imgs, store.get(idx))  # decoded pixels match random access
-        assert stats == {"patches": 30, "patches_lost": 0, "record_errors": 0}
+        assert stats == {"patches": 30, "patches_lost": 0, "patches_repeated": 0, "record_errors": 0}
 
 
 def test_shuffle_changes_with_epoch_and_is_seeded(shard_dir):
@@ -84,18 +87,50 @@ def test_corrupt_jpeg_is_skipped_and_counted(shard_copy):
         f.seek(int(offset))
         f.write(b"\x00" * 64)  # the SOI marker and headers are gone: not a JPEG any more
     idx, _, stats = _read_all(shard_copy, world=1, workers=1)[0]
-    assert stats == {"patches": 56, "patches_lost": 4, "record_errors": 1}
+    assert stats == {"patches": 56, "patches_lost": 4, "patches_repeated": 0, "record_errors": 1}
     assert set(range(60)) - set(idx.tolist()) == {48, 49, 50, 51}  # shard 2, record 2, slots 0-3
 
 
-def test_pad_keeps_per_rank_counts_equal_under_damage(shard_copy):
+@pytest.mark.parametrize("world,workers", [(2, 2), (3, 3)])
+def test_pad_keeps_per_rank_counts_equal_when_a_whole_shard_is_lost(shard_copy, world, workers):
     path = shard_copy / "shard-000000.tar"
-    offset, _ = record_offsets(path).members["jpg"][1]
+    path.write_bytes(path.read_bytes()[:1000])  # shard 0 (patches 0-19) is gone
+    ranks = _read_all(shard_copy, world=world, workers=workers, pad=True)
+    assert [len(idx) for idx, _, _ in ranks] == [60 // world] * world
+    lost = sum(s["patches_lost"] for _, _, s in ranks)
+    repeated = sum(s["patches_repeated"] for _, _, s in ranks)
+    assert lost == repeated == 20
+    every = np.concatenate([idx for idx, _, _ in ranks])
+    assert every.min() >= 20 and set(every.tolist()) == set(range(20, 60))
+
+
+def test_damaged_header_mid_shard_costs_only_its_record(shard_copy):
+    path = shard_copy / "shard-000001.tar"
+    header = record_offsets(path).header[2]
     with open(path, "r+b") as f:
-        f.seek(int(offset))
-        f.write(b"\x00" * 64)
-    counts = [len(idx) for idx, _, _ in _read_all(shard_copy, world=2, workers=2, pad=True)]
-    assert counts == [30, 30]
+        f.seek(int(header))
+        f.write(b"\xff" * 512)  # record 2's first tar header is garbage
+    idx, _, stats = _read_all(shard_copy, world=1, workers=1)[0]
+    assert set(range(60)) - set(idx.tolist()) == {28, 29, 30, 31}
+    assert stats["patches_lost"] == 4 and stats["record_errors"] >= 1
+
+
+def test_metadata_that_disagrees_with_the_strip_is_damage(shard_copy):
+    import json
+    import tarfile
+
+    path = shard_copy / "shard-000000.tar"
+    off, size = record_offsets(path).members["json"][3]
+    with open(path, "r+b") as f:
+        f.seek(int(off))
+        meta = json.loads(f.read(int(size)))
+        text = json.dumps(meta).replace('"first"', '"firsT"').encode()
+        assert len(text) == size
+        f.seek(int(off))
+        f.write(text)
+    assert tarfile.is_tarfile(path)
+    idx, _, stats = _read_all(shard_copy, world=1, workers=1)[0]
+    assert set(range(60)) - set(idx.tolist()) == {12, 13, 14, 15} and stats["record_errors"] == 1
 
 
 def test_no_readable_sample_is_a_clear_error(shard_copy):

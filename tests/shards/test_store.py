@@ -28,3 +28,21 @@ def test_locate_and_range_checks(shard_dir):
     assert shard.tolist() == [0, 0, 1, 2] and pos.tolist() == [0, 19, 0, 19]
     with pytest.raises(IndexError):
         shards.locate(np.array([60]))
+
+
+def test_damaged_record_is_a_shard_error(shard_copy):
+    from shards.shardset import ShardError, record_offsets
+
+    path = shard_copy / "shard-000000.tar"
+    offs = record_offsets(path)
+    with open(path, "r+b") as f:
+        f.seek(int(offs.members["json"][0][0]))
+        f.write(b"{{{{")
+        f.seek(int(offs.members["jpg"][1][0]))
+        f.write(b"\x00" * 64)
+    store = PatchStore(shard_copy)
+    with pytest.raises(ShardError, match="record 0 metadata is damaged"):
+        store.meta([0])
+    with pytest.raises(ShardError, match="record 1 does not decode"):
+        store.get([5])
+    assert store.get([9]).shape == (1, 32, 32, 3)
