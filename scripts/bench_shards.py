@@ -3,7 +3,10 @@
     python scripts/bench_shards.py [--patches-per-image 400] [--repeats 3]
 
 Prints one JSON line:
-  ours_per_core         patches/s through PatchStream (tar records -> JPEG strip decode -> patches)
+  ours_per_core         patches/s through PatchStream in order (tar records -> JPEG strip decode ->
+                        patches), as feature extraction reads them
+  ours_shuffled_per_core  the same with a 2000-patch shuffle buffer, as training reads them (each
+                        patch is then copied out of its strip)
   bare_decode_per_core  patches/s of the fastest of simplejpeg, OpenCV and PIL decoding the very same
                         strip bytes from memory (no container, no file reads)
   naive_per_core        patches/s of webdataset + PIL (`.decode("rgb8")`) on shards of one patch per
@@ -87,6 +90,8 @@ def main() -> None:
 
         stream = PatchStream(ours_dir, rank=0, world_size=1)
         ours = best_rate(lambda: sum(1 for _ in stream), n, args.repeats)
+        shuffled = PatchStream(ours_dir, rank=0, world_size=1, shuffle=True, shuffle_buffer=2000)
+        ours_shuffled = best_rate(lambda: sum(1 for _ in shuffled), n, args.repeats)
 
         strips = strip_bytes(ours_dir)
         bare_all = {name: best_rate(fn, n, args.repeats) for name, fn in bare_decoders(strips, 96).items()}
@@ -101,6 +106,7 @@ def main() -> None:
     print(json.dumps({
         "patches": n,
         "ours_per_core": round(ours, 1),
+        "ours_shuffled_per_core": round(ours_shuffled, 1),
         "bare_decode_per_core": round(bare_all[bare_name], 1),
         "bare_decoder": bare_name,
         "bare_by_decoder": {k: round(v, 1) for k, v in bare_all.items()},

@@ -118,8 +118,11 @@ def _parse_record(sample: dict, patch_px: int, per_record: int) -> tuple[int, di
     return record, meta, patches
 
 
-def read_slice(shards: ShardSet, sl: Slice, handler) -> Iterator[dict]:
+def read_slice(shards: ShardSet, sl: Slice, handler, copy: bool = False) -> Iterator[dict]:
     """Yields {"index", "key", "label", "image" (P, P, 3) uint8} for the readable patches of a slice.
+
+    Images are views into their record's decoded strip unless `copy` (a shuffle buffer holding views
+    would pin whole strips, 16x the memory).
 
     Reads the slice's records as one tar stream; when damage ends the stream early, picks up again
     at the next record whose header the offset scan found, so one bad record costs only itself.
@@ -149,9 +152,8 @@ def read_slice(shards: ShardSet, sl: Slice, handler) -> Iterator[dict]:
             next_record = max(next_record, record + 1)
             first = record * per
             for j in range(max(sl.start - first, 0), min(sl.stop - first, len(patches))):
-                # a copy, so a shuffle buffer does not pin whole strips
                 yield {"index": shard_start + first + j, "key": patch_key(meta["keys"][j], meta["boxes"][j]),
-                       "label": int(meta["labels"][j]), "image": patches[j].copy()}
+                       "label": int(meta["labels"][j]), "image": patches[j].copy() if copy else patches[j]}
 
 
 class PatchStream(IterableDataset):
@@ -200,10 +202,11 @@ class PatchStream(IterableDataset):
 
     def _read(self, slices: list[Slice], row: int, first_pass: bool = True) -> Iterator[dict]:
         handler = _ErrorCounter(self.counters, row)
+        copy = self.shuffle and self.shuffle_buffer > 1
         for sl in slices:
             n, done = 0, False
             try:
-                for sample in read_slice(self.shards, sl, handler):
+                for sample in read_slice(self.shards, sl, handler, copy=copy):
                     n += 1
                     yield sample
                 done = True
