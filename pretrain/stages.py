@@ -17,8 +17,8 @@ from pretrain.rundir import RunDir, StageResult
 from shards.build import build_shards
 from shards.fsutil import sha256_file
 from shards.shardset import SHARDS_JSON, ShardSet
-from shards.store import PatchStore
 from shards.sources import Listing, list_items, source_fingerprint
+from shards.store import PatchStore
 from shards.writer import PatchParams
 
 # Stages after sharding, with the issue that builds each; run.py states which are not built yet.
@@ -34,7 +34,8 @@ def patch_params(cfg: Config) -> PatchParams:
 
 
 def check_data(cfg: Config) -> Listing | ShardSet:
-    """Fails fast (SourceError/ShardError/ValueError) on a missing source or bad patch settings."""
+    """Fails fast (SourceError, ShardError, ConfigError) on a missing source or bad patch settings,
+    before Ray starts or anything is written. Returns the source listing or the prebuilt shards."""
     if cfg.data.shards_dir:
         shards = ShardSet.open(Path(cfg.data.shards_dir).resolve())
         if shards.patch_px != cfg.data.patch_size_px:
@@ -68,7 +69,6 @@ def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Call
         return produced
 
     return run.run_stage("shard", build, config=config, inputs=inputs, force=force)
-
 
 
 def shards_root(cfg: Config, run: RunDir) -> Path:
