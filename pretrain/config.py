@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.tracking import MODES as WANDB_MODES
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
@@ -83,8 +85,7 @@ class TrackingConfig:
     init_timeout_s: float = 30.0
 
     def __post_init__(self):
-        modes = ("auto", "online", "offline", "disabled")
-        _check(self.wandb in modes, "tracking.wandb", " | ".join(modes), self.wandb)
+        _check(self.wandb in WANDB_MODES, "tracking.wandb", " | ".join(WANDB_MODES), self.wandb)
         _check(self.init_timeout_s > 0, "tracking.init_timeout_s", "> 0", self.init_timeout_s)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ class ShardSet:
     def total(self) -> int:
         return int(self.counts.sum())
 
-    @property
+    @cached_property
     def starts(self) -> np.ndarray:
         """(S,) int64 global index of each shard's first patch."""
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
@@ -79,7 +79,7 @@ class ShardSet:
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.total):
             raise IndexError(f"patch index out of range [0, {self.total})")
-        shard = np.searchsorted(np.cumsum(self.counts), indices, side="right")
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
         return shard, indices - self.starts[shard]
 
 

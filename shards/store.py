@@ -22,23 +22,26 @@ class PatchStore:
     def __len__(self) -> int:
         return self.shards.total
 
-    def _meta(self, shard: int, record: int) -> dict:
+    def _meta(self, shard: int, record: int, f=None) -> dict:
         try:
-            return json.loads(self._member(shard, record, "json"))
+            return json.loads(self._member(shard, record, "json", f))
         except ValueError as exc:
             if isinstance(exc, ShardError):
                 raise
             raise ShardError(f"{self.shards.names[shard]}: record {record} metadata is damaged") from None
 
-    def _member(self, shard: int, record: int, ext: str) -> bytes:
+    def _member(self, shard: int, record: int, ext: str, f=None) -> bytes:
+        """One member's bytes; `f` an already open handle on the shard, else it is opened here."""
         path = self.shards.path(shard)
         offs = record_offsets(path)
         if record >= len(offs.header) or offs.members[ext][record, 0] < 0:
             raise ShardError(f"{path.name}: record {record} is missing or damaged")
         off, size = offs.members[ext][record]
-        with open(path, "rb") as f:
-            f.seek(int(off))
-            data = f.read(int(size))
+        if f is None:
+            with open(path, "rb") as own:
+                return self._member(shard, record, ext, own)
+        f.seek(int(off))
+        data = f.read(int(size))
         if len(data) != size:
             raise ShardError(f"{path.name}: record {record} is truncated")
         return data
@@ -88,8 +91,9 @@ class PatchStore:
             index = 0
             for shard, count in enumerate(self.shards.counts):
                 n_rec = -(-int(count) // self.shards.patches_per_record)
-                for record in range(n_rec):
-                    meta = self._meta(shard, record)
+                with open(self.shards.path(shard), "rb") as f:  # one open per shard, not per record
+                    metas = [self._meta(shard, record, f) for record in range(n_rec)]
+                for meta in metas:
                     for key, box in zip(meta["keys"], meta["boxes"]):
                         self._key_index[patch_key(key, box)] = index
                         index += 1
