@@ -69,6 +69,68 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    """Stage 1: init features (paper sec. 3.1; DESIGN.md): improved Fisher vectors of dense SIFT +
+    colour, or HOG (the paper's CIFAR init), PCA-whitened to out_dim and L2-normalised."""
+
+    kind: str = "fv"  # fv | hog
+    sift_step_px: int = 8
+    sift_bin_px: int = 8  # a SIFT descriptor spans 4x4 bins
+    desc_pca_dim: int = 64
+    gmm_components: int = 32  # FV length 2 * gmm_components * desc_pca_dim
+    hog_cell_px: int = 8
+    out_dim: int = 128  # <= 256: FAISS and the SVMs work in this dimension
+    fit_sample_patches: int = 2000  # PCA, GMM and whitening are fit on this many patches
+
+    def __post_init__(self):
+        _check(self.kind in ("fv", "hog"), "features.kind", "fv | hog", self.kind)
+        for key in ("sift_step_px", "sift_bin_px", "desc_pca_dim", "gmm_components", "hog_cell_px"):
+            _check(getattr(self, key) >= 1, f"features.{key}", ">= 1", getattr(self, key))
+        _check(1 <= self.out_dim <= 256, "features.out_dim", "in 1..256", self.out_dim)
+        _check(self.fit_sample_patches >= 2, "features.fit_sample_patches", ">= 2", self.fit_sample_patches)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Stage 2: discriminative clustering (paper sec. 3.1, Singh et al. 2012; pretrain/cluster/)."""
+
+    natural_fraction: float = 0.5  # share of the patches that forms the natural-world set N
+    init_divisor: int = 4  # k-means on D1 with |D1| / init_divisor clusters (Singh et al.)
+    max_clusters: int = 30000
+    min_init_members: int = 3
+    rounds: int = 4
+    top_m: int = 5  # held-out firings kept as members each round
+    min_members: int = 3  # firings above -1 needed to survive a round
+    min_discriminative: float = 0.0  # > 0 only with a separate natural-world set (see discover.py)
+    svm_c: float = 0.1  # the paper's C
+    svm_tol: float = 1e-4
+    cache_size: int = 100000  # hard-negative cache per block of clusters
+    mining_rounds: int = 3
+    merge_threshold: float = 0.4  # the paper's firing-overlap threshold
+    merge_top: int = 20  # firings per cluster compared when merging
+    block_clusters: int = 2000  # clusters per Ray task
+    kmeans_iters: int = 20
+    kmeans_init: str = "kmeans++"  # kmeans++ | afkmc2 (cheaper at 30k clusters) | random
+    gpus_per_task: float = 0.0  # > 0: SVM and k-means tasks ask Ray for GPUs
+    montage_clusters: int = 16
+    montage_members: int = 8
+
+    def __post_init__(self):
+        _check(0 < self.natural_fraction < 1, "cluster.natural_fraction", "in (0, 1)", self.natural_fraction)
+        for key in ("init_divisor", "max_clusters", "min_init_members", "rounds", "top_m", "min_members",
+                    "cache_size", "mining_rounds", "merge_top", "block_clusters", "kmeans_iters",
+                    "montage_clusters", "montage_members"):
+            _check(getattr(self, key) >= 1, f"cluster.{key}", ">= 1", getattr(self, key))
+        _check(self.min_members <= self.top_m, "cluster.min_members", "<= cluster.top_m", self.min_members)
+        _check(0 <= self.min_discriminative < 1, "cluster.min_discriminative", "in [0, 1)", self.min_discriminative)
+        _check(self.svm_c > 0 and self.svm_tol > 0, "cluster.svm_c/svm_tol", "> 0", (self.svm_c, self.svm_tol))
+        _check(0 < self.merge_threshold <= 1, "cluster.merge_threshold", "in (0, 1]", self.merge_threshold)
+        _check(self.kmeans_init in ("kmeans++", "afkmc2", "random"), "cluster.kmeans_init",
+               "kmeans++ | afkmc2 | random", self.kmeans_init)
+        _check(self.gpus_per_task >= 0, "cluster.gpus_per_task", ">= 0", self.gpus_per_task)
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS when set (ray job submit), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
@@ -93,6 +155,8 @@ class TrackingConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -11,6 +11,8 @@ stage's artifacts; a rerun skips the stages whose record still matches.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import logging
 import os
 import sys
@@ -22,6 +24,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import stages  # noqa: E402
+from pretrain.cluster.discover import ClusteringError  # noqa: E402
+from pretrain.cluster.stage import cluster_stage  # noqa: E402
 from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
 from pretrain.rundir import RunDir, RunDirError  # noqa: E402
 from pretrain.tracking import Tracker  # noqa: E402
@@ -30,6 +34,7 @@ from shards.shardset import ShardError, ShardSet  # noqa: E402
 from shards.sources import SourceError  # noqa: E402
 
 log = logging.getLogger("pretrain.run")
+STAGES = ("shard", "features", "cluster")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,9 +60,12 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
     run = RunDir(run_dir)
     run.lock()
     atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
-    from shards.cluster import connect, ray_map
+    from shards.cluster import connect, node_gpus, ray_map
 
     log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
+    if cfg.cluster.gpus_per_task > node_gpus():  # such tasks would wait forever
+        raise ConfigError(f"cluster.gpus_per_task is {cfg.cluster.gpus_per_task} but no node of the Ray cluster "
+                          f"has that many GPUs (most on one node: {node_gpus():g}); 0 runs the SVMs on CPUs")
     tracker = Tracker(
         run.path, run_id=run.run_id, run_name=cfg.run.name, config=to_dict(cfg), wandb_mode=cfg.tracking.wandb,
         project=cfg.tracking.project, entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s,
@@ -73,9 +81,17 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
             tracker.log_image("shard/patches", preview)
         except ShardError as exc:  # a figure never stops a run
             log.warning("patch preview skipped: %s", exc)
+        result = stages.features_stage(cfg, run, ray_map, force="features" in force)
+        tracker.log({"stage": "features", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
+        cluster_map = functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task)
+        result = cluster_stage(cfg, run, index.root, cluster_map, force="cluster" in force)
+        summary = json.loads((run.path / "clusters" / "round0.json").read_text())
+        tracker.log({"stage": "cluster", "skipped": result.skipped, "wall_s": result.record["wall_s"],
+                     **{f"cluster/{k}": summary[k] for k in ("clusters", "members", "purity", "nmi") if k in summary}})
+        tracker.log_image("cluster/montage", run.path / "figures" / "clusters_round0.png")
         missing = ", ".join(f"{name} ({issue})" for name, issue in stages.PLANNED)
         log.info("not built yet, so not run: %s", missing)
-        return {"run_dir": str(run.path), "patches": index.total}
+        return {"run_dir": str(run.path), "patches": index.total, "clusters": summary["clusters"]}
     finally:
         tracker.finish()
 
@@ -89,11 +105,11 @@ def main(argv=None) -> int:
             print(dump_yaml(cfg), end="")
             return 0
         run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
-        unknown = set(args.force) - {"shard"}
+        unknown = set(args.force) - set(STAGES)
         if unknown:
-            raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; built stages: shard")
+            raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
         run(cfg, run_dir, args.force)
-    except (ConfigError, SourceError, ShardError, RunDirError) as exc:
+    except (ConfigError, SourceError, ShardError, RunDirError, ClusteringError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

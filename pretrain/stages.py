@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from pretrain.config import Config, ConfigError, to_dict
+from pretrain.features.extract import extract_features
 from pretrain.figures import grid, save_png
 from pretrain.rundir import RunDir, StageResult
 from shards.build import build_shards
@@ -21,8 +22,8 @@ from shards.sources import Listing, list_items, source_fingerprint
 from shards.store import PatchStore
 from shards.writer import PatchParams
 
-# Stages after sharding, with the issue that builds each; run.py states which are not built yet.
-PLANNED = (("features", "#3"), ("cluster", "#3"), ("train", "#4"), ("hash", "#4"), ("eval", "#4"))
+# Stages not built yet, with the issue that builds each; run.py names them.
+PLANNED = (("train", "#4"), ("hash", "#4"), ("eval", "#4"))
 
 
 def patch_params(cfg: Config) -> PatchParams:
@@ -69,6 +70,32 @@ def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Call
         return produced
 
     return run.run_stage("shard", build, config=config, inputs=inputs, force=force)
+
+
+def features_settings(cfg: Config) -> dict:
+    """The features config as extract_features arguments."""
+    f = cfg.features
+    if f.kind == "hog":
+        return {"kind": "hog", "cell_px": f.hog_cell_px, "out_dim": f.out_dim}
+    return {"kind": "fv", "step_px": f.sift_step_px, "bin_px": f.sift_bin_px, "desc_pca_dim": f.desc_pca_dim,
+            "gmm_components": f.gmm_components, "out_dim": f.out_dim}
+
+
+def features_stage(cfg: Config, run: RunDir, mapper: Callable, force: bool = False) -> StageResult:
+    """Stage 1: `<run>/features/round0.npy` (init features of every patch) and `encoder.npz`."""
+    config = features_settings(cfg) | {"fit_sample_patches": cfg.features.fit_sample_patches,
+                                       "seed": cfg.run.seed}
+    inputs = {"shards": run.outputs_fingerprint("shard")}
+    out = run.path / "features"
+
+    def work():
+        try:
+            res = extract_features(shards_root(cfg, run), out, mapper=mapper, **config)
+        except ValueError as exc:  # settings the patches cannot take (e.g. HOG cells larger than a patch)
+            raise ConfigError(f"features: {exc}") from None
+        return {res["features"]: None, res["encoder"]: None}
+
+    return run.run_stage("features", work, config=config, inputs=inputs, force=force)
 
 
 def shards_root(cfg: Config, run: RunDir) -> Path:

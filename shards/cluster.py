@@ -30,13 +30,21 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> str:
     return f"ray: {where}, {len(ray.nodes())} node(s), {cpus} CPUs"
 
 
-def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1,
+def node_gpus() -> float:
+    """The most GPUs any one live node of the connected Ray cluster has (0 on a CPU-only cluster):
+    a task asking for more can never be scheduled."""
+    import ray
+
+    return max((float(n.get("Resources", {}).get("GPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+
+
+def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1, num_gpus: float = 0,
             on_result: Callable[[int, object], None] | None = None) -> list:
     """Runs fn(*args) for each tuple as Ray tasks; returns results in input order (progress bar).
     `on_result(i, result)` is called in the driver as each task finishes, in completion order."""
     import ray
 
-    task = ray.remote(num_cpus=num_cpus, max_retries=2)(fn)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(fn)
     refs = [task.remote(*args) for args in arg_tuples]
     position = {ref: i for i, ref in enumerate(refs)}
     pending = list(refs)
@@ -50,7 +58,7 @@ def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: f
     return ray.get(refs)
 
 
-def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1,
+def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1, num_gpus: float = 0,
                on_result: Callable[[int, object], None] | None = None) -> list:
     """The same contract as `ray_map`, in this process."""
     results = []

@@ -7,7 +7,8 @@ from tests.conftest import run_cli
 
 pytestmark = pytest.mark.ray
 
-SMALL = ["--set", "data.patches_per_image=6", "--set", "data.images_per_shard=5", "--set", "tracking.wandb=offline"]
+SMALL = ["--set", "data.patches_per_image=6", "--set", "data.images_per_shard=5", "--set", "tracking.wandb=offline",
+         "--set", "features.out_dim=16", "--set", "features.gmm_components=4", "--set", "features.desc_pca_dim=16"]
 
 
 def test_demo_run_builds_shards_then_skips_them(tmp_path):
@@ -15,7 +16,7 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     first = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert first.returncode == 0, first.stderr
     assert "stage shard: running (not run yet)" in first.stderr
-    assert "not built yet, so not run: features (#3)" in first.stderr
+    assert "not built yet, so not run: train (#4)" in first.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     outputs = manifest["stages"]["shard"]["outputs"]
     assert "shards/shards.json" in outputs and len(outputs) == 5  # 19 photos / 5 per shard = 4 tars + index
@@ -24,11 +25,14 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
 
     second = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert second.returncode == 0, second.stderr
-    assert "stage shard: up to date, skipped" in second.stderr
+    for stage in ("shard", "features", "cluster_round0"):
+        assert f"stage {stage}: up to date, skipped" in second.stderr
     assert json.loads((run_dir / "manifest.json").read_text())["stages"] == manifest["stages"]
 
     changed = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.jpeg_quality=80"])
     assert changed.returncode == 0 and "stage shard: running (config changed)" in changed.stderr
+    assert "stage features: running (inputs changed)" in changed.stderr  # a redo propagates
+    assert "stage cluster_round0: running (inputs changed)" in changed.stderr
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["skipped"] for m in metrics if m.get("stage") == "shard"] == [False, True, False]
     assert sum(m.get("image") == "shard/patches" for m in metrics) == 3
@@ -50,7 +54,7 @@ def test_existing_run_keeps_its_files_on_a_bad_rerun(tmp_path):
     assert run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set",
                     "tracking.wandb=disabled"]).returncode == 0
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    bad = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), "--set", "data.source=/no/such/dir"])
+    bad = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.source=/no/such/dir"])
     assert bad.returncode == 2
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
 
@@ -73,7 +77,7 @@ def test_grid_places_every_image():
 
 def test_prebuilt_shards_dir_is_recorded_and_checked(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
-    base = ["pretrain/run.py", "--run-dir", str(run_dir), "--set", "tracking.wandb=disabled"]
+    base = ["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "tracking.wandb=disabled"]
     ok = run_cli([*base, "--set", f"data.shards_dir={shard_dir}", "--set", "data.patch_size_px=32"])
     assert ok.returncode == 0, ok.stderr
     assert "shards: 60 patches in 3 shards" in ok.stderr and not (run_dir / "shards").exists()
@@ -96,3 +100,38 @@ def test_cluster_runs_need_an_absolute_run_dir_and_one_driver_per_dir(tmp_path):
     held.unlock()
     assert busy.returncode == 2 and busy.stderr.strip().splitlines()[-1].startswith("error: run directory")
     assert "in use by another run" in busy.stderr
+
+
+def test_clustering_outputs_and_digits_purity(tmp_path):
+    """The digits config end to end: shards -> HOG features -> clusters scored against the labels."""
+    import numpy as np
+
+    run_dir = tmp_path / "digits"
+    out = run_cli(["pretrain/run.py", "--config", "pretrain/configs/digits.yaml", "--run-dir", str(run_dir),
+                   "--set", "tracking.wandb=disabled"])
+    assert out.returncode == 0, out.stderr
+    with np.load(run_dir / "clusters" / "round0.npz", allow_pickle=False) as z:
+        c = len(z["offsets"]) - 1
+        assert z["member_index"].shape == z["member_key"].shape == z["member_score"].shape
+        assert z["weights"].shape == (c, 32) and z["bias"].shape == z["rank_score"].shape == (c,)
+        assert np.all(np.diff(z["rank_score"]) <= 0)  # best cluster first
+        assert z["member_key"][0].startswith("digits/")
+    summary = json.loads((run_dir / "clusters" / "round0.json").read_text())
+    assert summary["clusters"] == c and summary["purity"] > 0.8 and 0 < summary["nmi"] <= 1
+    assert (run_dir / "figures" / "clusters_round0.png").is_file()
+    assert not (run_dir / "clusters" / "round0.work").exists()
+
+
+def test_gpu_tasks_without_gpus_and_impossible_features_fail_in_one_line(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = run_cli(["pretrain/run.py", "--run-dir", str(tmp_path / "run"), *SMALL, "--set", "cluster.gpus_per_task=1",
+                   "--set", "ray.num_cpus=1"])
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == ("error: cluster.gpus_per_task is 1.0 but no node of the Ray cluster "
+                                                   "has that many GPUs (most on one node: 0); 0 runs the SVMs on CPUs")
+    hog = run_cli(["pretrain/run.py", "--config", "pretrain/configs/digits.yaml", "--run-dir", str(tmp_path / "d"),
+                   "--set", "features.hog_cell_px=32", "--set", "tracking.wandb=disabled", "--set", "ray.num_cpus=1"])
+    assert hog.returncode == 2 and hog.stderr.strip().splitlines()[-1].startswith("error: features: cell_px must be")

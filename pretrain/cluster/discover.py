@@ -1,0 +1,277 @@
+"""The discovery loop (Singh et al. 2012, with the paper's merging, sec. 3.1), resumable and blockwise.
+
+    D, N  = random halves of the patches (discovery set, natural world), each halved again
+    init  : k-means on D1, |D1| / init_divisor clusters; clusters with < min_init_members dropped
+    round : SVMs of the members (in D_t) vs N_t -> fire on the other half D_v -> each cluster's
+            top_m firings above -1 are its new members; clusters with < min_members such firings
+            are pruned (cross-validation); with min_discriminative > 0, also clusters whose top
+            firings on D_v + N_v are not mostly in D (Singh et al.'s discriminativeness); swap halves
+    merge : the last SVMs fire on all of D, clusters with overlapping firings are merged
+    final : SVMs of the merged clusters vs all of N; clusters ranked by their members' held-out scores
+
+All SVM work runs in blocks of clusters through `mapper` (Ray tasks in the driver, in-process in
+tests); a task gets paths and index lists, reads the features memmap itself and returns small arrays.
+After every step the state is saved in `work_dir`, so a killed run resumes at the step it was in.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pretrain.cluster.kmeans import kmeans
+from pretrain.cluster.merge import greedy_merge
+from pretrain.cluster.svm import fire, train_svms
+from shards.fsutil import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class ClusteringError(ValueError):
+    """The loop cannot go on (e.g. every cluster was pruned); the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class DiscoveryParams:
+    natural_fraction: float = 0.5  # share of patches in the natural-world set N
+    init_divisor: int = 4  # k-means on D1 with |D1| / init_divisor clusters (Singh et al.'s code)
+    max_clusters: int = 30000
+    min_init_members: int = 3
+    rounds: int = 4
+    top_m: int = 5  # top firings on the held-out half that become a cluster's members
+    min_members: int = 3  # firings above -1 a cluster needs to survive a round
+    # Prune a cluster unless this share of its top firings on held-out D + N falls in D (per patch,
+    # so 0.5 means "fires on the natural world as often"). Only meaningful when N is a separate
+    # natural-world set; with N a random half of the same data every cluster sits near 0.5.
+    min_discriminative: float = 0.0
+    discriminative_top: int = 15
+    svm_c: float = 0.1  # the paper's C
+    svm_tol: float = 1e-4
+    cache_size: int = 100000  # hard-negative cache shared by a block's clusters
+    mining_rounds: int = 3
+    merge_threshold: float = 0.4  # the paper's overlap threshold
+    merge_top: int = 20  # firings per cluster compared when merging
+    block_clusters: int = 2000  # clusters per task
+    kmeans_iters: int = 20
+    kmeans_init: str = "kmeans++"
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class Clusters:
+    """Cluster c's members are member_index[offsets[c]:offsets[c+1]] (global patch rows)."""
+
+    member_index: np.ndarray  # (M,) int64
+    offsets: np.ndarray  # (C + 1,) int64
+    member_score: np.ndarray  # (M,) float32: SVM score when the member was found on a held-out half
+    weights: np.ndarray | None = None  # (C, d) float32
+    bias: np.ndarray | None = None  # (C,) float32
+
+    @classmethod
+    def from_lists(cls, members: list[np.ndarray], scores: list[np.ndarray], **kw) -> "Clusters":
+        offsets = np.concatenate([[0], np.cumsum([len(m) for m in members])]).astype(np.int64)
+        flat = np.concatenate(members).astype(np.int64) if members else np.zeros(0, np.int64)
+        fs = np.concatenate(scores).astype(np.float32) if scores else np.zeros(0, np.float32)
+        return cls(flat, offsets, fs, **kw)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def members(self) -> list[np.ndarray]:
+        return np.split(self.member_index, self.offsets[1:-1])
+
+    def scores(self) -> list[np.ndarray]:
+        return np.split(self.member_score, self.offsets[1:-1])
+
+    def save(self, path: Path, meta: dict | list | None = None) -> None:
+        """Atomically, as .npz; `meta` (JSON-able) rides along as text."""
+        arrays = {k: v for k, v in asdict(self).items() if v is not None}
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays, meta_json=np.array(json.dumps(meta)))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> tuple["Clusters", dict | list | None]:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta_json"])) if "meta_json" in z.files else None
+            return cls(**{k: z[k] for k in z.files if k != "meta_json"}), meta
+
+
+def split_sets(n: int, natural_fraction: float, seed: int, natural_rows: np.ndarray | None = None) -> dict:
+    """Random D1, D2, N1, N2 (sorted global rows) partitioning range(n). N is `natural_rows` when
+    given (a separate natural-world set), else a random `natural_fraction` of the rows."""
+    rng = np.random.default_rng(seed)
+    if natural_rows is None:
+        perm = rng.permutation(n)
+        n_nat = int(round(n * natural_fraction))
+        d, nat = perm[n_nat:], perm[:n_nat]
+    else:
+        nat = rng.permutation(np.asarray(natural_rows, np.int64))
+        d = rng.permutation(np.setdiff1d(np.arange(n), nat))
+    halves = {"D1": d[: len(d) // 2], "D2": d[len(d) // 2 :], "N1": nat[: len(nat) // 2], "N2": nat[len(nat) // 2 :]}
+    return {k: np.sort(v) for k, v in halves.items()}
+
+
+def kmeans_task(features: str, split: str, k: int, niter: int, init: str, seed: int) -> np.ndarray:
+    """k-means labels of D1 (one task: at scale it wants a GPU node)."""
+    d1 = np.load(split)["D1"]
+    x = np.asarray(np.load(features, mmap_mode="r")[d1], np.float32)
+    return kmeans(x, k, niter=niter, init=init, seed=seed)[1]
+
+
+def block_task(spec: dict) -> dict:
+    """One block of clusters: train SVMs (if `members`) and/or fire them (if `fire`).
+    spec: features, split (paths), members (flat, offsets) or weights/bias, negatives (split keys),
+    svm (train_svms arguments), fire: {name: (split keys, top_k)} -> name_index, name_score (C, k)."""
+    feats = np.load(spec["features"], mmap_mode="r")
+    sets = np.load(spec["split"])
+    out: dict = {}
+    if "members" in spec:
+        flat, offsets = spec["members"]
+        negatives = np.concatenate([sets[key] for key in spec["negatives"]])
+        res = train_svms(feats, np.split(flat, offsets[1:-1]), negatives, **spec["svm"])
+        out.update(weights=res.weights, bias=res.bias, stats=res.stats)
+    else:
+        out.update(weights=spec["weights"], bias=spec["bias"], stats={})
+    for name, (keys, top_k) in spec.get("fire", {}).items():
+        where = np.concatenate([sets[key] for key in keys])
+        out[name + "_index"], out[name + "_score"] = fire(feats, where, out["weights"], out["bias"], top_k,
+                                                          device=spec["svm"]["device"])
+    return out
+
+
+class Discovery:
+    """Runs the loop for one features file; `run()` returns the final ranked Clusters."""
+
+    def __init__(self, features: Path, work_dir: Path, params: DiscoveryParams, mapper: Callable, key: str,
+                 natural_rows: np.ndarray | None = None):
+        self.features, self.work, self.p, self.mapper = Path(features), Path(work_dir), params, mapper
+        self.n = np.load(self.features, mmap_mode="r").shape[0]
+        stamp = self.work / "key.json"
+        if self.work.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
+            shutil.rmtree(self.work)  # state from another config or other features: start over
+        self.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, {"key": key})
+        self.split_path = self.work / "split.npz"
+        if not self.split_path.is_file():
+            tmp = self.work / "split.tmp.npz"
+            np.savez(tmp, **split_sets(self.n, params.natural_fraction, params.seed, natural_rows))
+            tmp.replace(self.split_path)
+        self.sets = dict(np.load(self.split_path))
+        self.history: list[dict] = []  # saved in each step file, so a resumed run keeps it
+
+    def _svm_spec(self) -> dict:
+        p = self.p
+        return {"c": p.svm_c, "tol": p.svm_tol, "cache_size": p.cache_size, "mining_rounds": p.mining_rounds,
+                "device": p.device, "seed": p.seed}
+
+    def _blocks(self, clusters: Clusters, **spec) -> dict:
+        """Runs block_task over blocks of clusters; concatenates weights, bias, firings."""
+        desc = spec.pop("desc")
+        specs = []
+        for lo in range(0, len(clusters), self.p.block_clusters):
+            hi = min(lo + self.p.block_clusters, len(clusters))
+            s = {"features": str(self.features), "split": str(self.split_path), "svm": self._svm_spec(), **spec}
+            if clusters.weights is None or "negatives" in spec:
+                off = clusters.offsets[lo : hi + 1]
+                s["members"] = (clusters.member_index[off[0] : off[-1]], off - off[0])
+            else:
+                s.update(weights=clusters.weights[lo:hi], bias=clusters.bias[lo:hi])
+            specs.append((s,))
+        results = self.mapper(block_task, specs, desc=desc)
+        out = {k: np.concatenate([r[k] for r in results]) for k in results[0] if k != "stats"}
+        out["stats"] = [r["stats"] for r in results]
+        missed = sum(st.get("violators_outside_cache", 0) for st in out["stats"])
+        if missed:  # mining stopped before the cache held every violator: an approximate SVM
+            log.warning("%s: %d negatives outside the mining cache still violate a margin; raise "
+                        "cluster.cache_size or cluster.mining_rounds for the exact SVMs", desc, missed)
+        return out
+
+    def _step_path(self, step: int) -> Path:
+        return self.work / f"step{step}.npz"
+
+    def _init(self) -> Clusters:
+        d1 = self.sets["D1"]
+        k = min(self.p.max_clusters, len(d1) // self.p.init_divisor)
+        if k < 1:
+            raise ClusteringError(f"clustering: {len(d1)} patches in D1 give no k-means cluster at "
+                                  f"init_divisor {self.p.init_divisor}; give the run more patches")
+        (labels,) = self.mapper(kmeans_task, [(str(self.features), str(self.split_path), k, self.p.kmeans_iters,
+                                                self.p.kmeans_init, self.p.seed)], desc="k-means")
+        order = np.argsort(labels, kind="stable")  # one pass, not one scan of D1 per cluster
+        members = np.split(d1[order], np.cumsum(np.bincount(labels))[:-1])
+        members = [m for m in members if len(m) >= self.p.min_init_members]
+        return Clusters.from_lists(members, [np.zeros(len(m), np.float32) for m in members])
+
+    def _round(self, clusters: Clusters, r: int) -> Clusters:
+        train, held = ("1", "2") if r % 2 == 0 else ("2", "1")
+        fires = {"member": (["D" + held], self.p.top_m)}
+        if self.p.min_discriminative > 0:
+            fires["disc"] = (["D" + held, "N" + held], self.p.discriminative_top)
+        out = self._blocks(clusters, negatives=["N" + train], fire=fires, desc=f"svm round {r + 1}/{self.p.rounds}")
+        keep = (out["member_score"] > -1).sum(1) >= self.p.min_members
+        if self.p.min_discriminative > 0:
+            keep &= self._discriminativeness(out["disc_index"], held) >= self.p.min_discriminative
+        hits = [out["member_score"][c] > -1 for c in range(len(clusters))]
+        keep = np.flatnonzero(keep)
+        self.history.append({"step": r + 1, "svm": out["stats"]})
+        return Clusters.from_lists([out["member_index"][c][hits[c]] for c in keep],
+                                   [out["member_score"][c][hits[c]] for c in keep],
+                                   weights=out["weights"][keep], bias=out["bias"][keep])
+
+    def _discriminativeness(self, top_index: np.ndarray, held: str) -> np.ndarray:
+        """(C,) per-patch firing rate on D over the rate on D and N; 0.5: no preference for D."""
+        d, n = self.sets["D" + held], self.sets["N" + held]
+        in_d = np.isin(top_index, d).sum(1) / max(len(d), 1)
+        in_n = np.isin(top_index, n).sum(1) / max(len(n), 1)
+        return in_d / np.maximum(in_d + in_n, 1e-12)
+
+    def _merge_and_finish(self, clusters: Clusters) -> Clusters:
+        fired = self._blocks(clusters, fire={"d": (["D1", "D2"], self.p.merge_top)}, desc="merge: firing on D")
+        groups = greedy_merge(fired["d_index"], fired["d_score"], self.p.merge_threshold)
+        members, scores = clusters.members(), clusters.scores()
+        merged_m, merged_s = [], []
+        for g in groups:
+            idx, sc = np.concatenate([members[c] for c in g]), np.concatenate([scores[c] for c in g])
+            order = np.argsort(-sc, kind="stable")  # best first: a patch in several parts keeps its best
+            uniq, first = np.unique(idx[order], return_index=True)
+            best_first = np.argsort(first)
+            merged_m.append(uniq[best_first])
+            merged_s.append(sc[order][first][best_first])
+        merged = Clusters.from_lists(merged_m, merged_s)
+        final = self._blocks(merged, negatives=["N1", "N2"], desc="final svms")
+        rank = np.argsort([-np.mean(s[: self.p.top_m]) for s in merged_s], kind="stable")
+        self.history.append({"step": "merge", "clusters_before": len(clusters), "clusters": len(merged),
+                             "svm": final["stats"]})
+        return Clusters.from_lists([merged_m[c] for c in rank], [merged_s[c] for c in rank],
+                                   weights=final["weights"][rank], bias=final["bias"][rank])
+
+    def run(self) -> Clusters:
+        last = self.p.rounds + 1  # steps: 0 init, 1..rounds, rounds+1 merged and final
+        done = [s for s in range(last + 1) if self._step_path(s).is_file()]
+        step = max(done) if done else -1
+        if step >= 0:
+            log.info("clustering: resuming after step %d of %d", step, last)
+            clusters, self.history = Clusters.load(self._step_path(step))
+        for s in range(step + 1, last + 1):
+            if s == 0:
+                clusters = self._init()
+            elif s <= self.p.rounds:
+                clusters = self._round(clusters, s - 1)
+            else:
+                clusters = self._merge_and_finish(clusters)
+            if len(clusters) == 0:
+                knobs = "cluster.min_init_members or cluster.init_divisor" if s == 0 else "cluster.min_members"
+                raise ClusteringError(f"clustering: no cluster survived step {s}; lower {knobs} or give the "
+                                      "run more patches")
+            sizes = np.diff(clusters.offsets)
+            self.history.append({"step": s, "clusters": len(clusters), "mean_members": float(sizes.mean())})
+            clusters.save(self._step_path(s), meta=self.history)
+            log.info("clustering step %d/%d: %d clusters, %.1f members each", s, last, len(clusters), sizes.mean())
+        return clusters
