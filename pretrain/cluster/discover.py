@@ -165,6 +165,7 @@ class Discovery:
             tmp.replace(self.split_path)
         self.sets = dict(np.load(self.split_path))
         self.history: list[dict] = []  # saved in each step file, so a resumed run keeps it
+        self._svm_stats: list[dict] = []
 
     def _svm_spec(self) -> dict:
         p = self.p
@@ -193,7 +194,7 @@ class Discovery:
                         "cluster.cache_size or cluster.mining_rounds for the exact SVMs", desc, missed)
         return out
 
-    def _step_path(self, step: int) -> Path:
+    def step_path(self, step: int) -> Path:
         return self.work / f"step{step}.npz"
 
     def _init(self) -> Clusters:
@@ -220,7 +221,7 @@ class Discovery:
             keep &= self._discriminativeness(out["disc_index"], held) >= self.p.min_discriminative
         hits = [out["member_score"][c] > -1 for c in range(len(clusters))]
         keep = np.flatnonzero(keep)
-        self.history.append({"step": r + 1, "svm": out["stats"]})
+        self._svm_stats = out["stats"]
         return Clusters.from_lists([out["member_index"][c][hits[c]] for c in keep],
                                    [out["member_score"][c][hits[c]] for c in keep],
                                    weights=out["weights"][keep], bias=out["bias"][keep])
@@ -254,11 +255,11 @@ class Discovery:
 
     def run(self) -> Clusters:
         last = self.p.rounds + 1  # steps: 0 init, 1..rounds, rounds+1 merged and final
-        done = [s for s in range(last + 1) if self._step_path(s).is_file()]
+        done = [s for s in range(last + 1) if self.step_path(s).is_file()]
         step = max(done) if done else -1
         if step >= 0:
             log.info("clustering: resuming after step %d of %d", step, last)
-            clusters, self.history = Clusters.load(self._step_path(step))
+            clusters, self.history = Clusters.load(self.step_path(step))
         for s in range(step + 1, last + 1):
             if s == 0:
                 clusters = self._init()
@@ -271,7 +272,8 @@ class Discovery:
                 raise ClusteringError(f"clustering: no cluster survived step {s}; lower {knobs} or give the "
                                       "run more patches")
             sizes = np.diff(clusters.offsets)
-            self.history.append({"step": s, "clusters": len(clusters), "mean_members": float(sizes.mean())})
-            clusters.save(self._step_path(s), meta=self.history)
+            self.history.append({"step": s, "clusters": len(clusters), "mean_members": float(sizes.mean()),
+                                 **({"svm": self._svm_stats} if 1 <= s <= self.p.rounds else {})})
+            clusters.save(self.step_path(s), meta=self.history)
             log.info("clustering step %d/%d: %d clusters, %.1f members each", s, last, len(clusters), sizes.mean())
         return clusters

@@ -62,6 +62,14 @@ def evaluate(clusters: Clusters, member_labels: np.ndarray) -> dict:
     return {"purity": purity(local, member_labels), "nmi": nmi(local, member_labels)}
 
 
+def _step_scores(disc: Discovery, step, store: PatchStore) -> dict:
+    if not isinstance(step, int) or not disc.step_path(step).is_file():
+        return {}
+    clusters, _ = Clusters.load(disc.step_path(step))
+    labels = np.array([-1 if m["label"] is None else int(m["label"]) for m in store.meta(clusters.member_index)])
+    return evaluate(clusters, labels)
+
+
 def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable, *, round_: int = 0,
                   features_stage: str = "features", force: bool = False) -> StageResult:
     """Stage 2 for one round: discriminative clustering of `features/roundR.npy`."""
@@ -80,10 +88,14 @@ def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable,
         store = PatchStore(shards_root)
         labels = write_clusters(out, clusters, store, params.top_m)
         sizes = np.diff(clusters.offsets)
+        scores = evaluate(clusters, labels)
+        steps = disc.history
+        if scores:  # labelled shards: how purity moved step by step (k-means, rounds, merge)
+            steps = [h | _step_scores(disc, h["step"], store) for h in steps]
         summary = {"round": round_, "clusters": len(clusters), "members": int(sizes.sum()),
                    "members_per_cluster": {"mean": float(sizes.mean()), "min": int(sizes.min()),
                                            "max": int(sizes.max())},
-                   "patches": disc.n, "steps": disc.history, **evaluate(clusters, labels)}
+                   "patches": disc.n, "steps": steps, **scores}
         atomic_write_json(out.with_suffix(".json"), summary)
         try:
             fig = montage(store.get, clusters.members(), cfg.cluster.montage_clusters, cfg.cluster.montage_members)
