@@ -95,6 +95,9 @@ class ClusterConfig:
     """Stage 2: discriminative clustering (paper sec. 3.1, Singh et al. 2012; pretrain/cluster/)."""
 
     natural_fraction: float = 0.5  # share of the patches that forms the natural-world set N
+    # Or name N by the patches' source keys: a glob such as "web/*" (an image-folder class of random
+    # web images, the paper's other choice for N). Empty: a random natural_fraction of all patches.
+    natural_world: str = ""
     init_divisor: int = 4  # k-means on D1 with |D1| / init_divisor clusters (Singh et al.)
     max_clusters: int = 30000
     min_init_members: int = 3

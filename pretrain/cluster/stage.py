@@ -13,6 +13,7 @@ paper's 20 augmented views of each from the patch pixels (PatchStore.get(member_
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import shutil
 from dataclasses import fields
@@ -21,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from pretrain.cluster.discover import Clusters, Discovery, DiscoveryParams
+from pretrain.cluster.discover import Clusters, ClusteringError, Discovery, DiscoveryParams
 from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.clusters import montage, nmi, purity
 from pretrain.figures import save_png
@@ -39,6 +40,17 @@ def discovery_params(cfg: Config) -> DiscoveryParams:
     names = {f.name for f in fields(DiscoveryParams)}
     kw = {k: v for k, v in to_dict(cfg.cluster).items() if k in names}
     return DiscoveryParams(**kw, seed=cfg.run.seed, device="auto")
+
+
+def natural_rows(store: PatchStore, pattern: str) -> np.ndarray:
+    """Global rows of the patches whose source key matches the glob `pattern` (the natural world)."""
+    keys = [m["key"] for m in store.meta(np.arange(len(store)))]
+    rows = np.flatnonzero([fnmatch.fnmatchcase(k, pattern) for k in keys])
+    if len(rows) == 0 or len(rows) == len(keys):
+        raise ClusteringError(f"cluster.natural_world {pattern!r} matches {len(rows)} of {len(keys)} patches "
+                              f"(source keys look like {keys[0]!r}); it must name some but not all")
+    log.info("natural world: %d of %d patches match %r", len(rows), len(keys), pattern)
+    return rows
 
 
 def write_clusters(path: Path, clusters: Clusters, store: PatchStore, top_m: int) -> np.ndarray:
@@ -83,9 +95,10 @@ def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable,
     def work():
         params = discovery_params(cfg)
         key = config_hash({"config": config, "inputs": inputs})
-        disc = Discovery(features, out.with_suffix(".work"), params, mapper, key=key)
-        clusters = disc.run()
         store = PatchStore(shards_root)
+        natural = natural_rows(store, cfg.cluster.natural_world) if cfg.cluster.natural_world else None
+        disc = Discovery(features, out.with_suffix(".work"), params, mapper, key=key, natural_rows=natural)
+        clusters = disc.run()
         labels = write_clusters(out, clusters, store, params.top_m)
         sizes = np.diff(clusters.offsets)
         scores = evaluate(clusters, labels)

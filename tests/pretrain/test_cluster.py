@@ -234,3 +234,30 @@ def test_a_killed_cluster_stage_resumes_in_the_run_directory(tmp_path, shard_dir
     with np.load(run.path / "clusters" / "round0.npz", allow_pickle=False) as z:
         assert len(z["offsets"]) >= 2 and z["member_key"].dtype.kind == "U"
     assert cluster_stage(cfg, run, shard_dir, serial_map).skipped
+
+
+def test_natural_world_by_source_key(tmp_path, shard_dir):
+    """cluster.natural_world names N by source keys (e.g. a folder of web images), end to end."""
+    from pretrain import stages
+    from pretrain.cluster.discover import ClusteringError
+    from pretrain.cluster.stage import cluster_stage, natural_rows
+    from pretrain.config import load_config
+    from pretrain.rundir import RunDir
+    from shards.store import PatchStore
+
+    store = PatchStore(shard_dir)
+    rows = natural_rows(store, "coffee/*")
+    keys = [m["key"] for m in store.meta(np.arange(len(store)))]
+    assert len(rows) == 30 and all(keys[i].startswith("coffee/") for i in rows)
+    with pytest.raises(ClusteringError, match="matches 0 of 60 patches"):
+        natural_rows(store, "web/*")
+
+    cfg = load_config(None, [f"data.shards_dir={shard_dir}", "data.patch_size_px=32", "features.kind=hog",
+                             "features.hog_cell_px=8", "features.out_dim=8", "cluster.natural_world=coffee/*",
+                             "cluster.init_divisor=2", "cluster.min_members=1"])
+    run = RunDir(tmp_path / "run")
+    stages.shard_stage(cfg, run, stages.check_data(cfg), serial_map)
+    stages.features_stage(cfg, run, serial_map)
+    cluster_stage(cfg, run, shard_dir, serial_map)
+    with np.load(run.path / "clusters" / "round0.npz", allow_pickle=False) as z:
+        assert all(k.startswith("cat/") for k in z["member_key"])  # members come from D only
