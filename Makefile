@@ -31,6 +31,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python scripts/bench_shards.py
+	$(BIN)/python scripts/bench_cluster.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
