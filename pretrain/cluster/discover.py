@@ -268,7 +268,8 @@ class Discovery:
             else:
                 clusters = self._merge_and_finish(clusters)
             if len(clusters) == 0:
-                knobs = "cluster.min_init_members or cluster.init_divisor" if s == 0 else "cluster.min_members"
+                knobs = ("cluster.min_init_members or cluster.init_divisor" if s == 0 else "cluster.min_members"
+                         + (" or cluster.min_discriminative" if self.p.min_discriminative > 0 else ""))
                 raise ClusteringError(f"clustering: no cluster survived step {s}; lower {knobs} or give the "
                                       "run more patches")
             sizes = np.diff(clusters.offsets)
