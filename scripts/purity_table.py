@@ -44,7 +44,7 @@ def main() -> int:
     with np.load(path, allow_pickle=False) as z:
         members = np.split(z["member_index"], z["offsets"][1:-1])
     store = PatchStore(run / "shards")
-    labels = np.array([-1 if m["label"] is None else m["label"] for m in store.meta(np.arange(len(store)))])
+    labels = store.labels(np.arange(len(store)))
     if (labels < 0).all():
         print("error: the shards carry no labels to score against", file=sys.stderr)
         return 2

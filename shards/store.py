@@ -84,6 +84,10 @@ class PatchStore:
                           "box": meta["boxes"][slot], "label": meta["labels"][slot]}
         return out
 
+    def labels(self, indices) -> np.ndarray:
+        """indices: (n,) int -> (n,) int64 labels kept for evaluation (-1: none)."""
+        return np.array([m["label"] for m in self.meta(indices)], np.int64)
+
     def index_of(self, keys) -> np.ndarray:
         """Patch keys (see `patch_key`) -> (n,) int64 global indices. Builds the key table once."""
         if self._key_index is None:

@@ -57,7 +57,7 @@ def write_clusters(path: Path, clusters: Clusters, store: PatchStore, top_m: int
     """Writes the cluster file (module docstring); returns the members' labels (-1: none)."""
     meta = store.meta(clusters.member_index)
     keys = np.array([patch_key(m["key"], m["box"]) for m in meta], dtype=np.str_)
-    labels = np.array([-1 if m["label"] is None else int(m["label"]) for m in meta], np.int64)
+    labels = np.array([m["label"] for m in meta], np.int64)
     rank = np.array([s[:top_m].mean() for s in clusters.scores()], np.float32)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, member_index=clusters.member_index, offsets=clusters.offsets, member_key=keys,
@@ -78,8 +78,7 @@ def _step_scores(disc: Discovery, step, store: PatchStore) -> dict:
     if not isinstance(step, int) or not disc.step_path(step).is_file():
         return {}
     clusters, _ = Clusters.load(disc.step_path(step))
-    labels = np.array([-1 if m["label"] is None else int(m["label"]) for m in store.meta(clusters.member_index)])
-    return evaluate(clusters, labels)
+    return evaluate(clusters, store.labels(clusters.member_index))
 
 
 def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable, *, round_: int = 0,

@@ -16,6 +16,7 @@ def test_get_meta_and_key_lookup_agree_with_the_stream(shard_dir):
     meta = store.meta(ask)
     assert [m["index"] for m in meta] == ask.tolist()
     assert meta[1]["key"] == "cat/cat_0.jpg" and meta[1]["label"] == 0 and meta[0]["label"] == 1
+    assert store.labels(ask).tolist() == [m["label"] for m in meta] and store.labels(ask).dtype == np.int64
     keys = [stream[int(i)]["key"] for i in ask]
     assert store.index_of(keys).tolist() == ask.tolist()
     with pytest.raises(KeyError, match="unknown patch key"):
