@@ -63,9 +63,10 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
     from shards.cluster import connect, node_gpus, ray_map
 
     log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
-    if cfg.cluster.gpus_per_task > node_gpus():  # such tasks would wait forever
+    gpus = node_gpus()
+    if cfg.cluster.gpus_per_task > gpus:  # such tasks would wait forever
         raise ConfigError(f"cluster.gpus_per_task is {cfg.cluster.gpus_per_task} but no node of the Ray cluster "
-                          f"has that many GPUs (most on one node: {node_gpus():g}); 0 runs the SVMs on CPUs")
+                          f"has that many GPUs (most on one node: {gpus:g}); 0 runs the SVMs on CPUs")
     tracker = Tracker(
         run.path, run_id=run.run_id, run_name=cfg.run.name, config=to_dict(cfg), wandb_mode=cfg.tracking.wandb,
         project=cfg.tracking.project, entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s,
@@ -88,7 +89,9 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
         summary = json.loads((run.path / "clusters" / "round0.json").read_text())
         tracker.log({"stage": "cluster", "skipped": result.skipped, "wall_s": result.record["wall_s"],
                      **{f"cluster/{k}": summary[k] for k in ("clusters", "members", "purity", "nmi") if k in summary}})
-        tracker.log_image("cluster/montage", run.path / "figures" / "clusters_round0.png")
+        montage = run.path / "figures" / "clusters_round0.png"
+        if montage.is_file():  # skipped when the shards could not be read for it
+            tracker.log_image("cluster/montage", montage)
         missing = ", ".join(f"{name} ({issue})" for name, issue in stages.PLANNED)
         log.info("not built yet, so not run: %s", missing)
         return {"run_dir": str(run.path), "patches": index.total, "clusters": summary["clusters"]}
