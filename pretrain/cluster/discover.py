@@ -27,7 +27,7 @@ import numpy as np
 from pretrain.cluster.kmeans import kmeans
 from pretrain.cluster.merge import greedy_merge
 from pretrain.cluster.svm import fire, train_svms
-from shards.fsutil import atomic_write_json
+from shards.fsutil import atomic_write_json, atomic_write_npz
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,7 @@ class Clusters:
     def save(self, path: Path, meta: dict | list | None = None) -> None:
         """Atomically, as .npz; `meta` (JSON-able) rides along as text."""
         arrays = {k: v for k, v in asdict(self).items() if v is not None}
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays, meta_json=np.array(json.dumps(meta)))
-        tmp.replace(path)
+        atomic_write_npz(path, **arrays, meta_json=np.array(json.dumps(meta)))
 
     @classmethod
     def load(cls, path: Path) -> tuple["Clusters", dict | list | None]:
@@ -160,9 +158,7 @@ class Discovery:
         atomic_write_json(stamp, {"key": key})
         self.split_path = self.work / "split.npz"
         if not self.split_path.is_file():
-            tmp = self.work / "split.tmp.npz"
-            np.savez(tmp, **split_sets(self.n, params.natural_fraction, params.seed, natural_rows))
-            tmp.replace(self.split_path)
+            atomic_write_npz(self.split_path, **split_sets(self.n, params.natural_fraction, params.seed, natural_rows))
         self.sets = dict(np.load(self.split_path))
         self.history: list[dict] = []  # saved in each step file, so a resumed run keeps it
         self._svm_stats: list[dict] = []

@@ -27,7 +27,7 @@ from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.clusters import montage, nmi, purity
 from pretrain.figures import save_png
 from pretrain.rundir import RunDir, StageResult
-from shards.fsutil import atomic_write_json
+from shards.fsutil import atomic_write_json, atomic_write_npz
 from shards.shardset import ShardError, patch_key
 from shards.store import PatchStore
 
@@ -59,10 +59,9 @@ def write_clusters(path: Path, clusters: Clusters, store: PatchStore, top_m: int
     keys = np.array([patch_key(m["key"], m["box"]) for m in meta], dtype=np.str_)
     labels = np.array([m["label"] for m in meta], np.int64)
     rank = np.array([s[:top_m].mean() for s in clusters.scores()], np.float32)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, member_index=clusters.member_index, offsets=clusters.offsets, member_key=keys,
-             member_score=clusters.member_score, weights=clusters.weights, bias=clusters.bias, rank_score=rank)
-    tmp.replace(path)
+    atomic_write_npz(path, member_index=clusters.member_index, offsets=clusters.offsets, member_key=keys,
+                     member_score=clusters.member_score, weights=clusters.weights, bias=clusters.bias,
+                     rank_score=rank)
     return labels
 
 

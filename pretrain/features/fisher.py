@@ -10,7 +10,6 @@ blocks; not [u_k; v_k] interleaved per component.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from sklearn.decomposition import PCA
 from threadpoolctl import ThreadpoolController
 
 from pretrain.features.descriptors import DESC_DIM, frame_grid, local_descriptors, work_array
-from shards.fsutil import atomic_write_bytes
+from shards.fsutil import atomic_write_npz
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +57,9 @@ class FisherEncoder:
 
     def save(self, path: str | Path) -> None:
         """Writes an `.npz` (atomically) that loads with allow_pickle=False."""
-        buf = io.BytesIO()
-        np.savez(buf, format=np.array(FORMAT), kind=np.array(self.kind),
-                 settings=np.array(json.dumps(self.settings, sort_keys=True)),
-                 **{name: getattr(self, name) for name in _ARRAYS})
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_npz(path, format=np.array(FORMAT), kind=np.array(self.kind),
+                         settings=np.array(json.dumps(self.settings, sort_keys=True)),
+                         **{name: getattr(self, name) for name in _ARRAYS})
 
     @classmethod
     def load(cls, path: str | Path) -> "FisherEncoder":
