@@ -1,0 +1,195 @@
+"""Hamming-ranking retrieval with binary codes (paper sec. 4.2 and Table 2): mAP and precision@N.
+
+Protocol (paper sec. 4, following [14]): draw random queries, a fixed number per class, rank the rest of
+the labelled items (the gallery) by Hamming distance to each query, score the whole ranking (AP) and its
+top N (precision@N), and average over repeated draws. Codes travel packed, FAISS's binary layout: K/8
+bytes per code (`np.packbits` along the bits), so the search is `faiss.IndexBinaryFlat`.
+
+Hamming distances tie a lot at 16-64 bits. FAISS's order among equal distances is kept (no re-sorting,
+so the search stays at FAISS's cost), and the gallery is shuffled before indexing so that order is a
+random tie-break rather than one that follows the data set's order (often sorted by class).
+"""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+from pretrain.eval.hashing_baselines import BASELINES
+
+
+def pack_codes(bits: np.ndarray) -> np.ndarray:
+    """bits: (N, K) bool or uint8 in {0,1} -> (N, ceil(K/8)) uint8, first bit in the high bit of byte 0."""
+    return np.packbits(np.asarray(bits).astype(bool), axis=1)
+
+
+def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """packed: (N, ceil(K/8)) uint8 -> (N, K) uint8 in {0,1}, K = bits."""
+    return np.unpackbits(np.asarray(packed, np.uint8), axis=1, count=bits)
+
+
+class HammingIndex:
+    """Exhaustive Hamming search over packed codes: a thin wrapper of `faiss.IndexBinaryFlat`.
+
+    packed_db: (N, K/8) uint8. `bits`, when given, must be 8 x the byte count: FAISS needs K % 8 == 0,
+    and a code length that is not a multiple of 8 would be silently padded by `pack_codes`."""
+
+    def __init__(self, packed_db: np.ndarray, bits: int | None = None):
+        packed_db = np.asarray(packed_db)
+        if packed_db.dtype != np.uint8 or packed_db.ndim != 2:
+            raise ValueError(f"HammingIndex needs packed (N, K/8) uint8 codes, got {packed_db.dtype} "
+                             f"{packed_db.shape} (use pack_codes)")
+        if bits is not None and (bits % 8 or bits != 8 * packed_db.shape[1]):
+            raise ValueError(f"FAISS binary codes need K a multiple of 8 matching {packed_db.shape[1]} bytes, "
+                             f"got K={bits}")
+        self.bits = 8 * packed_db.shape[1]
+        self.index = faiss.IndexBinaryFlat(self.bits)
+        self.index.add(np.ascontiguousarray(packed_db))
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, packed_queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """packed_queries: (Q, K/8) uint8 -> dist (Q, k) int32 nondecreasing, idx (Q, k) int64 rows of the
+        database (-1 past its end). Equal distances keep FAISS's order."""
+        return self.index.search(np.ascontiguousarray(packed_queries, np.uint8), k)
+
+
+def average_precision(ranked_relevant: np.ndarray) -> np.ndarray:
+    """ranked_relevant: (Q, n) bool, each query's whole ranking -> (Q,) float64 AP: the mean of the
+    precision at each relevant item's rank. A query with no relevant item gets AP 0 (it cannot be
+    answered; counting it as 0 rather than dropping it keeps the mean over the same queries)."""
+    rel = np.asarray(ranked_relevant, bool)
+    hits = np.cumsum(rel, axis=1)
+    precision = hits / np.arange(1, rel.shape[1] + 1)
+    return (precision * rel).sum(1) / np.maximum(hits[:, -1] if rel.shape[1] else 0, 1)
+
+
+def precision_at(ranked_relevant: np.ndarray, n: int) -> np.ndarray:
+    """ranked_relevant: (Q, m) bool -> (Q,) float64: the share of relevant items among the top
+    min(n, m) (a gallery shorter than n is scored on all of it)."""
+    top = np.asarray(ranked_relevant, bool)[:, :n]
+    return top.sum(1) / max(top.shape[1], 1)
+
+
+def split_queries(labels: np.ndarray, queries_per_class: int, rng: np.random.Generator):
+    """labels: (N,) int, < 0 = unlabelled -> queries (Q,) int64, gallery (G,) int64 (shuffled).
+
+    Up to `queries_per_class` random queries per class, clamped to the class size minus one so that
+    every query has a relevant item in the gallery (a singleton class gives no query). Unlabelled rows
+    are neither queries nor gallery."""
+    labels = np.asarray(labels)
+    known = np.flatnonzero(labels >= 0)
+    queries = []
+    for c in np.unique(labels[known]):
+        members = known[labels[known] == c]
+        queries.append(rng.choice(members, min(queries_per_class, len(members) - 1), replace=False))
+    queries = np.sort(np.concatenate(queries)).astype(np.int64) if queries else np.zeros(0, np.int64)
+    gallery = rng.permutation(np.setdiff1d(known, queries)).astype(np.int64)
+    return queries, gallery
+
+
+def _score_split(packed, labels, queries, gallery, precision_ns, chunk: int = 256):
+    """Per-query AP and precision@N for one split; queries are searched in chunks so memory is
+    O(chunk x gallery) rather than O(Q x gallery)."""
+    index = HammingIndex(packed[gallery])
+    gallery_labels = labels[gallery]
+    ap, prec = [], {n: [] for n in precision_ns}
+    for start in range(0, len(queries), chunk):
+        q = queries[start : start + chunk]
+        _, idx = index.search(packed[q], len(gallery))
+        rel = gallery_labels[idx] == labels[q][:, None]
+        ap.append(average_precision(rel))
+        for n in precision_ns:
+            prec[n].append(precision_at(rel, n))
+    return np.concatenate(ap), {n: np.concatenate(p) for n, p in prec.items()}
+
+
+def evaluate_retrieval(packed: np.ndarray, labels: np.ndarray, *, queries_per_class: int, repeats: int = 10,
+                       precision_at: tuple[int, ...] = (100,), seed: int = 0) -> dict:
+    """packed: (N, K/8) uint8 codes, labels: (N,) int (< 0 = unlabelled) -> {"map", "map_std",
+    "precision@N", "precision@N_std" for each N, "queries", "gallery", "repeats", "bits"}.
+
+    Each repeat draws fresh queries (`split_queries`) and ranks the whole gallery; means and (population)
+    standard deviations are over the repeats' per-repeat means."""
+    packed = np.asarray(packed, np.uint8)
+    labels = np.asarray(labels)
+    # the `precision_at` argument shadows the function of that name here; `_score_split` calls the function
+    rng = np.random.default_rng(seed)
+    maps, precs = [], {n: [] for n in precision_at}
+    for _ in range(repeats):
+        queries, gallery = split_queries(labels, queries_per_class, rng)
+        if len(queries) == 0 or len(gallery) == 0:
+            raise ValueError(f"no queries or empty gallery: {len(queries)} queries, {len(gallery)} gallery")
+        ap, prec = _score_split(packed, labels, queries, gallery, precision_at)
+        maps.append(ap.mean())
+        for n in precision_at:
+            precs[n].append(prec[n].mean())
+    out = {"map": float(np.mean(maps)), "map_std": float(np.std(maps))}
+    for n in precision_at:
+        out[f"precision@{n}"] = float(np.mean(precs[n]))
+        out[f"precision@{n}_std"] = float(np.std(precs[n]))
+    out.update(queries=int(len(queries)), gallery=int(len(gallery)), repeats=repeats, bits=8 * packed.shape[1])
+    return out
+
+
+def baseline_rows(x: np.ndarray, labels: np.ndarray, bits: tuple[int, ...] = (16, 32, 64), *,
+                  fit_x: np.ndarray | None = None, seed: int = 0, **eval_kwargs) -> list[dict]:
+    """Fits every `BASELINES` method on fit_x (default x): (N, d) float, codes x, and scores them with
+    `evaluate_retrieval(**eval_kwargs)`. One row per (method, bits): {"method", "bits", **scores}, or
+    {"method", "bits", "skipped": reason} where the method cannot give that many bits."""
+    fit_x = x if fit_x is None else fit_x
+    rows = []
+    for k in bits:
+        for name, fit in BASELINES.items():
+            try:
+                hasher = fit(fit_x, k, seed=seed)
+            except ValueError as err:
+                rows.append({"method": name, "bits": k, "skipped": str(err)})
+                continue
+            scores = evaluate_retrieval(pack_codes(hasher.encode(x)), labels, seed=seed, **eval_kwargs)
+            rows.append({**scores, "method": name, "bits": k})
+    return rows
+
+
+def _cell(row: dict, key: str, best: float | None) -> str:
+    if key not in row:
+        return "-"
+    text = f"{100 * row[key]:.2f}"
+    if f"{key}_std" in row and row.get("repeats", 1) > 1:
+        text += f" ± {100 * row[f'{key}_std']:.2f}"
+    return f"**{text}**" if best is not None and row[key] == best else text
+
+
+def retrieval_table(rows: list[dict]) -> str:
+    """rows: dicts with "method", "bits", "map" and any "precision@N" (fractions; rows without scores,
+    e.g. skipped ones, show "-") -> a markdown table in percent, rows grouped by bits in first-seen
+    order, the best value per bits and column in bold (ties all bold)."""
+    prec_keys = sorted({k for r in rows for k in r if k.startswith("precision@") and not k.endswith("_std")},
+                       key=lambda k: int(k.split("@")[1]))
+    keys = ["map", *prec_keys]
+    header = ["method", "bits", "mAP (%)", *(f"precision@{k.split('@')[1]} (%)" for k in prec_keys)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for k in dict.fromkeys(r["bits"] for r in rows):
+        group = [r for r in rows if r["bits"] == k]
+        best = {key: max((r[key] for r in group if key in r), default=None) for key in keys}
+        for r in group:
+            cells = [str(r["method"]), str(k), *(_cell(r, key, best[key]) for key in keys)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def code_stats(bits: np.ndarray) -> dict:
+    """bits: (N, K) uint8/bool in {0,1} -> {"balance_min", "balance_max", "balance_dev"} (the per-bit
+    share of ones: min, max, mean |p - 0.5|) and "mean_abs_corr", the mean |Pearson correlation| over
+    pairs of distinct bits. The hashing regularizers aim at balance 0.5 and correlation 0; a constant
+    bit has no defined correlation and counts as 0 there (its balance already shows it)."""
+    b = np.asarray(bits, np.float64)
+    p = b.mean(0)
+    k = b.shape[1]
+    corr = 0.0
+    if k > 1:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.nan_to_num(np.corrcoef(b, rowvar=False))
+        corr = float(np.abs(c[~np.eye(k, dtype=bool)]).mean())
+    return {"balance_min": float(p.min()), "balance_max": float(p.max()),
+            "balance_dev": float(np.abs(p - 0.5).mean()), "mean_abs_corr": corr}
