@@ -1,0 +1,109 @@
+"""Training batches of cluster members (paper sec. 3.1): the clusters are the classes.
+
+The members' pixels are gathered once per round into `members.npy`, a (M, P, P, 3) uint8 array in
+the order of the cluster file's `member_index` (cluster c's members are rows offsets[c]:offsets[c+1]).
+Every training process memory-maps it, so the pages are shared by the processes of a node and a
+batch is one fancy-index gather; augmentation happens later, batched on the training device
+(`pretrain.train.augment`), so loader workers only ship uint8.
+
+Sampling is uniform over clusters, then uniform over the cluster's members: a cluster of 3 and one
+of 300 are seen equally often. The paper's "20 augmented views per member" sets the length of a
+round: `views_per_member * M` samples. Step s of rank r draws from a generator seeded with
+(seed, r, s), so a resumed run draws exactly the batches the killed one would have.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm.auto import tqdm
+
+from shards.store import PatchStore
+
+GATHER_CHUNK = 4096
+
+
+def write_member_pixels(shards_root: str | Path, member_index: np.ndarray, out: str | Path) -> Path:
+    """Decodes the patches `member_index` (M,) int64 from the shards into `out`, a (M, P, P, 3)
+    uint8 .npy, written under a temporary name and renamed when complete."""
+    store = PatchStore(shards_root)
+    p = store.shards.patch_px
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    arr = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(member_index), p, p, 3))
+    for s in tqdm(range(0, len(member_index), GATHER_CHUNK), desc="member pixels", unit="chunk", leave=False):
+        arr[s : s + GATHER_CHUNK] = store.get(member_index[s : s + GATHER_CHUNK])
+    arr.flush()
+    del arr
+    os.replace(tmp, out)
+    return out
+
+
+def sample_members(offsets: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """offsets: (C+1,) int64 -> (rows (n,) int64 into the member arrays, clusters (n,) int64):
+    a cluster uniformly at random, then one of its members uniformly at random."""
+    sizes = np.diff(offsets)
+    cluster = rng.integers(0, len(sizes), n)
+    rows = offsets[cluster] + (rng.random(n) * sizes[cluster]).astype(np.int64)
+    return rows, cluster
+
+
+def other_member(offsets: np.ndarray, rows: np.ndarray, cluster: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each row, a different member of the same cluster (the row itself only in a singleton)."""
+    sizes = np.diff(offsets)[cluster]
+    pos = rows - offsets[cluster]
+    shift = 1 + (rng.random(len(rows)) * np.maximum(sizes - 1, 1)).astype(np.int64)
+    return offsets[cluster] + (pos + np.where(sizes > 1, shift, 0)) % sizes
+
+
+class ClusterBatches(IterableDataset):
+    """Yields steps `start_step, start_step+1, ..., steps-1` of one rank as dicts:
+    step int, image (B, P, P, 3) uint8, cluster (B,) int64, and with `pairs` also positive
+    (B, P, P, 3) uint8: another member of the same cluster (the hashing stage's x+).
+
+    DataLoader workers take every num_workers-th step and the loader interleaves them in order.
+    """
+
+    def __init__(self, pixels_path: str | Path, offsets: np.ndarray, *, batch_size: int, steps: int,
+                 seed: int, rank: int = 0, start_step: int = 0, pairs: bool = False):
+        self.pixels_path = str(pixels_path)
+        self.offsets = np.asarray(offsets, np.int64)
+        if len(self.offsets) < 2 or np.any(np.diff(self.offsets) < 1):
+            raise ValueError("every cluster needs at least one member")
+        self.batch_size, self.steps, self.seed, self.rank = batch_size, steps, seed, rank
+        self.start_step, self.pairs = start_step, pairs
+
+    def __len__(self) -> int:
+        return max(self.steps - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        pixels = np.load(self.pixels_path, mmap_mode="r")
+        for step in range(self.start_step + worker, self.steps, num_workers):
+            rng = np.random.default_rng([self.seed, self.rank, step])
+            rows, cluster = sample_members(self.offsets, self.batch_size, rng)
+            batch = {"step": step, "image": torch.from_numpy(_gather(pixels, rows)),
+                     "cluster": torch.from_numpy(cluster)}
+            if self.pairs:
+                batch["positive"] = torch.from_numpy(_gather(pixels, other_member(self.offsets, rows, cluster, rng)))
+            yield batch
+
+
+def _gather(pixels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """pixels[rows], reading the memmap in row order (sequential pages) and putting it back."""
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows),) + pixels.shape[1:], pixels.dtype)
+    out[order] = pixels[rows[order]]
+    return out
+
+
+def batch_loader(dataset: IterableDataset, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ready-made batches (batch_size=None)."""
+    kw = {"prefetch_factor": 4} if num_workers else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, **kw)

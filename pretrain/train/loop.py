@@ -1,0 +1,240 @@
+"""The training loop of stages 3 and 4, one function per process: `train_worker(config, session)`.
+
+mode "cluster" (paper sec. 3.1): softmax over the discovered clusters, members sampled uniformly
+over clusters, each batch augmented on the device (crop/scale, flip, colour), so a round of
+`views_per_member * M` samples shows each member about 20 times under different transformations.
+
+mode "hash" (paper sec. 3.2, Eq. 1-4): a trunk trained in mode "cluster" plus the hashing layer W,
+initialised from PCA+ITQ on the trunk's features (`hash_init`); anchors drawn uniformly over
+clusters, positives from the same cluster, the hardest negative from another cluster in the batch
+(pretrain/train/losses.py). Trunk and W are fine-tuned together.
+
+DDP when the session's world size is > 1 (the process group exists already: Ray Train makes it with
+gloo on CPUs and NCCL on GPUs); bf16 autocast on GPUs when `amp`. Rank 0 writes a checkpoint every
+`checkpoint_every` steps and at the end; a process that finds a checkpoint in its session resumes
+from its step, and the seeded per-step sampling makes the resumed batches the ones it would have
+drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from pretrain.models.alexnet import ClusterHead, HashHead, build_trunk
+from pretrain.models.weights import load_weights, save_weights, split_prefix, trunk_state
+from pretrain.train.augment import augment
+from pretrain.train.data import ClusterBatches, batch_loader
+from pretrain.train.losses import hash_objective
+from pretrain.train.session import Session
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Everything one training run needs, as plain values (it travels to Ray workers as a dict)."""
+
+    mode: str  # cluster | hash
+    pixels_path: str  # members.npy (M, P, P, 3) uint8
+    clusters_path: str  # clusters/roundR.npz: its offsets split the member rows into clusters
+    out_dir: str  # metrics.jsonl of rank 0
+    arch: str = "alexnet96"
+    width: float = 1.0
+    dropout: float = 0.5
+    init_from: str = ""  # weights whose trunk starts this run ("" = random init)
+    steps: int = 100
+    batch_size_per_worker: int = 64
+    lr: float = 0.01
+    lr_drops: tuple = (0.6, 0.85)  # x0.1 at these fractions of the steps (the paper's step schedule)
+    trunk_lr_scale: float = 1.0  # the trunk's rate relative to the head's (hashing fine-tune)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    aug_scale: tuple = (0.5, 1.0)  # random-resized-crop area range
+    aug_color: float = 0.3
+    bits: int = 32
+    hash_init: str = ""  # npz with mean (d,) and proj (d, K): PCA+ITQ on the trunk's features
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 5e-4
+    printed_eq2: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 10
+    loader_workers: int = 0
+    amp: bool = True
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in ("cluster", "hash"):
+            raise ValueError(f"mode must be cluster or hash, got {self.mode!r}")
+
+
+class Net(nn.Module):
+    """trunk (conv1..fc7) + head (cluster classifier or hashing layer)."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module):
+        super().__init__()
+        self.trunk, self.head = trunk, head
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.trunk(x)  # (B, d)
+        return f, self.head(f)  # head: (B, C) logits | (B, K) relaxed codes
+
+
+def build_net(spec: TrainSpec, num_clusters: int) -> Net:
+    trunk = build_trunk(spec.arch, width=spec.width, dropout=spec.dropout)
+    if spec.init_from:
+        tensors, _ = load_weights(spec.init_from)
+        trunk.load_state_dict(trunk_state(tensors), strict=True)
+    if spec.mode == "cluster":
+        return Net(trunk, ClusterHead(trunk.feature_dim, num_clusters))
+    head = HashHead(trunk.feature_dim, spec.bits)
+    if spec.hash_init:
+        with np.load(spec.hash_init, allow_pickle=False) as z:
+            head.init_from(torch.from_numpy(z["mean"]), torch.from_numpy(z["proj"]))
+    return Net(trunk, head)
+
+
+def state_tensors(net: Net) -> dict[str, torch.Tensor]:
+    """The checkpoint's keys: trunk keys bare (conv1.weight, ...), the head under its role's prefix."""
+    prefix = "classifier" if isinstance(net.head, ClusterHead) else "hash"
+    return {**net.trunk.state_dict(), **{f"{prefix}.{k}": v for k, v in net.head.state_dict().items()}}
+
+
+def load_state(net: Net, tensors: dict[str, torch.Tensor]) -> None:
+    prefix = "classifier" if isinstance(net.head, ClusterHead) else "hash"
+    net.trunk.load_state_dict(trunk_state(tensors), strict=True)
+    net.head.load_state_dict(split_prefix(tensors, prefix), strict=True)
+
+
+def model_meta(spec: TrainSpec) -> dict:
+    return {"arch": spec.arch, "width": spec.width, "dropout": spec.dropout}
+
+
+def lr_at(spec: TrainSpec, step: int) -> float:
+    return spec.lr * 0.1 ** sum(step >= int(f * spec.steps) for f in spec.lr_drops)
+
+
+def _optimizer(net: Net, spec: TrainSpec) -> torch.optim.Optimizer:
+    """SGD with four groups: trunk/head x decayed/not. No weight decay on BatchNorm and bias
+    parameters, nor on W (Eq. 2's gamma term is W's decay); the trunk's rate is scaled by
+    `trunk_lr_scale` (each group's `lr_scale`, applied by the schedule)."""
+    groups = []
+    for part, scale in ((net.trunk, spec.trunk_lr_scale), (net.head, 1.0)):
+        params = list(part.named_parameters())
+        plain = [p for n, p in params if p.ndim < 2 or part is net.head and spec.mode == "hash"]
+        decay = [p for n, p in params if not (p.ndim < 2 or part is net.head and spec.mode == "hash")]
+        groups += [{"params": decay, "weight_decay": spec.weight_decay, "lr_scale": scale},
+                   {"params": plain, "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=spec.lr, momentum=spec.momentum)
+
+
+def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    px = net.trunk.input_px if not isinstance(net, DistributedDataParallel) else net.module.trunk.input_px
+    aug = dict(generator=gen, out_px=px, scale=spec.aug_scale, brightness=spec.aug_color,
+               contrast=spec.aug_color, saturation=spec.aug_color)
+    x = augment(batch["image"].to(device, non_blocking=True), **aug)  # (B, 3, px, px)
+    cluster = batch["cluster"].to(device)
+    use_amp = spec.amp and device.type == "cuda"
+    if spec.mode == "cluster":
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            _, logits = net(x)
+        loss = F.cross_entropy(logits.float(), cluster)
+        acc = (logits.argmax(1) == cluster).float().mean()
+        return loss, {"loss": loss.detach(), "accuracy": acc}
+    xp = augment(batch["positive"].to(device, non_blocking=True), **aug)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        f, b = net(torch.cat([x, xp]))  # anchors and positives in one pass: (2B, d), (2B, K)
+    head = net.module.head if isinstance(net, DistributedDataParallel) else net.head
+    n = len(x)
+    # Eq. 2's regularizers shape W on the (zero-meaned) features; the features are detached so the
+    # variance term cannot be raised by inflating the trunk's activations instead of turning W
+    centred = (f[:n].float() - head.mean).detach()
+    loss, info = hash_objective(b[:n].float(), b[n:].float(), cluster, head.weight, centred, alpha=spec.alpha,
+                                beta=spec.beta, gamma=spec.gamma, printed=spec.printed_eq2)
+    return loss, {"loss": loss.detach(), **info}
+
+
+def _save_checkpoint(net: Net, opt, spec: TrainSpec, step: int) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix="discoattr-ckpt-"))
+    save_weights(tmp / "model.safetensors", state_tensors(net), {"model": model_meta(spec), "mode": spec.mode,
+                                                                "step": step, "spec": dataclasses.asdict(spec)})
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    return tmp
+
+
+def _resume(net: Net, opt, ckpt: Path | None) -> int:
+    if ckpt is None:
+        return 0
+    tensors, _ = load_weights(ckpt / "model.safetensors")
+    load_state(net, tensors)
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    return int(json.loads((ckpt / "step.json").read_text())["step"])
+
+
+def _scalars(info: dict) -> dict:
+    return {k: float(v) for k, v in info.items() if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, float)}
+
+
+def _step_seed(seed: int, rank: int, step: int, stream: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
+
+
+def train_worker(config: dict, session: Session) -> dict:
+    """Runs (or resumes) one training run in this process -> the last metrics."""
+    spec = TrainSpec(**config)
+    device = session.device
+    torch.manual_seed(spec.seed + session.rank)
+    offsets = np.load(spec.clusters_path, allow_pickle=False)["offsets"]
+    net = build_net(spec, len(offsets) - 1).to(device)
+    opt = _optimizer(net, spec)
+    start = _resume(net, opt, session.latest_checkpoint())
+    model = DistributedDataParallel(net) if session.world_size > 1 else net
+    data = ClusterBatches(spec.pixels_path, offsets, batch_size=spec.batch_size_per_worker, steps=spec.steps,
+                          seed=spec.seed, rank=session.rank, start_step=start, pairs=spec.mode == "hash")
+    loader = batch_loader(data, spec.loader_workers, pin_memory=device.type == "cuda")
+    gen = torch.Generator()
+    log = Path(spec.out_dir) / "metrics.jsonl"
+    bar = tqdm(total=spec.steps, initial=start, desc=f"train {spec.mode}", unit="step",
+               disable=session.rank != 0 or not spec.progress, mininterval=5)
+    metrics, t0, seen = {"step": start}, time.perf_counter(), 0
+    model.train()
+    for batch in loader:
+        step = batch["step"]
+        # per-step seeds: a resumed run draws the augmentations and dropout masks the killed one would have
+        gen.manual_seed(_step_seed(spec.seed, session.rank, step, 0))
+        torch.manual_seed(_step_seed(spec.seed, session.rank, step, 1))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(spec, step) * g["lr_scale"]
+        loss, info = _loss(model, spec, batch, device, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += len(batch["image"])
+        bar.update(1)
+        last = step + 1 == spec.steps
+        if (step + 1) % spec.log_every == 0 or last:
+            rate = seen * session.world_size / (time.perf_counter() - t0)
+            metrics = {"step": step + 1, "lr": lr_at(spec, step), "samples_per_s": rate, **_scalars(info)}
+            if session.rank == 0:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "a") as fh:
+                    fh.write(json.dumps({"mode": spec.mode, **metrics}) + "\n")
+        if (step + 1) % spec.checkpoint_every == 0 or last:
+            ckpt = _save_checkpoint(net, opt, spec, step + 1) if session.rank == 0 else None
+            session.report({**metrics, "step": step + 1}, ckpt)
+            if ckpt is not None:
+                shutil.rmtree(ckpt, ignore_errors=True)
+    bar.close()
+    return metrics
