@@ -134,6 +134,111 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Stage 3: the CNN trained on the clusters as classes, alternating with re-clustering (paper
+    sec. 3.1; pretrain/train/). Round r trains on clusters/roundR.npz; its fc7 features, PCA-whitened
+    to features.out_dim, are what round r+1 clusters."""
+
+    arch: str = "alexnet96"  # alexnet96 (96x96 patches) | alexnet32 (32x32, the paper's CIFAR setting)
+    width: float = 1.0  # channel multiplier; 1 = AlexNet widths
+    dropout: float = 0.5
+    rounds: int = 3  # clustering + training rounds (the paper: converges within 3)
+    views_per_member: int = 20  # the paper's 20 augmented views: an epoch is views * members samples
+    epochs: float = 3.0  # per round (the paper: ~200k iterations of 256 over its rounds)
+    max_steps_per_round: int = 0  # > 0 caps a round's steps (tests, demos)
+    batch_size_per_worker: int = 64
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    aug_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
+    aug_color: float = 0.3  # brightness/contrast/saturation jitter
+    feature_layer: str = "fc7"  # the next round's features
+    feature_fit_patches: int = 2000  # their whitening is fit on this many patches
+    num_workers: int = 1  # Ray Train workers (DDP)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    loader_workers: int = 0  # DataLoader processes per worker
+    amp: bool = True  # bf16 autocast on GPUs
+    checkpoint_every: int = 200  # steps
+    max_failures: int = 1  # worker failures Ray Train recovers from the last checkpoint
+
+    def __post_init__(self):
+        _check(self.arch in ("alexnet96", "alexnet32"), "train.arch", "alexnet96 | alexnet32", self.arch)
+        _check(self.width > 0, "train.width", "> 0", self.width)
+        _check(0 <= self.dropout < 1, "train.dropout", "in [0, 1)", self.dropout)
+        for key in ("rounds", "views_per_member", "batch_size_per_worker", "feature_fit_patches", "num_workers",
+                    "checkpoint_every"):
+            _check(getattr(self, key) >= 1, f"train.{key}", ">= 1", getattr(self, key))
+        for key in ("max_steps_per_round", "loader_workers", "max_failures"):
+            _check(getattr(self, key) >= 0, f"train.{key}", ">= 0", getattr(self, key))
+        _check(min(self.lr, self.cpus_per_worker, self.epochs) > 0, "train.lr/cpus_per_worker/epochs", "> 0",
+               (self.lr, self.cpus_per_worker, self.epochs))
+        _check(0 < self.aug_scale[0] <= self.aug_scale[1] <= 1, "train.aug_scale", "0 < lo <= hi <= 1",
+               self.aug_scale)
+        _check(self.feature_layer in ("conv5", "fc6", "fc7"), "train.feature_layer", "conv5 | fc6 | fc7",
+               self.feature_layer)
+
+
+@dataclass(frozen=True)
+class HashConfig:
+    """Stage 4: K-bit attributes by the triplet hashing loss (paper sec. 3.2, Eq. 1-4; DESIGN.md
+    states the departures from the printed Eq. 2). Fine-tunes the last round's trunk with W."""
+
+    code_bits: int = 32  # K of final.safetensors and codes.npy
+    extra_bits: tuple[int, ...] = ()  # more code lengths trained and evaluated (e.g. [16, 64])
+    alpha: float = 1.0  # variance term
+    beta: float = 1.0  # decorrelation term
+    gamma: float = 5e-4  # weight term
+    printed_eq2: bool = False  # the printed signs and W W^T (to measure the difference)
+    init: str = "itq"  # itq (PCA+ITQ on the trunk's features, the paper's [37] stand-in) | random
+    views_per_member: int = 20
+    epochs: float = 3.0
+    max_steps: int = 0  # > 0 caps the steps
+    batch_size_per_worker: int = 64
+    lr: float = 0.001
+    # The trunk moves 10x slower than W: on digits, fine-tuning it at W's rate lost 0.05 mAP of the
+    # PCA+ITQ start (0.858 -> 0.806 at 32 bits, 100 steps), at 0.1x 0.014 (-> 0.845)
+    trunk_lr_scale: float = 0.1
+
+    def __post_init__(self):
+        for k in (self.code_bits, *self.extra_bits):
+            _check(k >= 8 and k % 8 == 0, "hash.code_bits/extra_bits", "multiples of 8 (packed codes)", k)
+        _check(self.init in ("itq", "random"), "hash.init", "itq | random", self.init)
+        _check(min(self.alpha, self.beta, self.gamma) >= 0, "hash.alpha/beta/gamma", ">= 0",
+               (self.alpha, self.beta, self.gamma))
+        for key in ("views_per_member", "batch_size_per_worker"):
+            _check(getattr(self, key) >= 1, f"hash.{key}", ">= 1", getattr(self, key))
+        _check(self.trunk_lr_scale >= 0, "hash.trunk_lr_scale", ">= 0", self.trunk_lr_scale)
+        _check(self.max_steps >= 0 and min(self.lr, self.epochs) > 0, "hash.max_steps/lr/epochs", ">= 0 / > 0",
+               (self.max_steps, self.lr, self.epochs))
+
+    @property
+    def all_bits(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((self.code_bits, *self.extra_bits)))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stage 5: Hamming-ranking retrieval on the labelled patches (paper sec. 4: random queries per
+    class, the rest as gallery, averaged over repeats) against LSH, PCAH, ITQ and SH."""
+
+    queries_per_class: int = 100
+    repeats: int = 10
+    precision_at: tuple[int, ...] = (1000,)
+    baseline_input: str = "pixels"  # pixels (gray, flattened) | features (the round-0 init features)
+    figure_bits: int = 5  # rows of the attribute figure (paper Fig. 4)
+    figure_queries: int = 4  # queries in the retrieval grid (paper Fig. 7)
+
+    def __post_init__(self):
+        for key in ("queries_per_class", "repeats", "figure_bits", "figure_queries"):
+            _check(getattr(self, key) >= 1, f"eval.{key}", ">= 1", getattr(self, key))
+        _check(len(self.precision_at) >= 1 and min(self.precision_at) >= 1, "eval.precision_at",
+               "a list of N >= 1", self.precision_at)
+        _check(self.baseline_input in ("pixels", "features"), "eval.baseline_input", "pixels | features",
+               self.baseline_input)
+
+
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS when set (ray job submit), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
@@ -160,6 +265,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hash: HashConfig = field(default_factory=HashConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -177,6 +285,10 @@ def _coerce(key: str, value, typ):
     origin = typing.get_origin(typ)
     if origin is tuple:
         args = typing.get_args(typ)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: a list of any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+            return tuple(_coerce(key, v, args[0]) for v in value)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"config key {key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(key, v, a) for v, a in zip(value, args))

@@ -27,14 +27,18 @@ from pretrain import stages  # noqa: E402
 from pretrain.cluster.discover import ClusteringError  # noqa: E402
 from pretrain.cluster.stage import cluster_stage  # noqa: E402
 from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
+from pretrain.eval.stage import eval_stage  # noqa: E402
+from pretrain.models.weights import WeightsError  # noqa: E402
 from pretrain.rundir import RunDir, RunDirError  # noqa: E402
 from pretrain.tracking import Tracker  # noqa: E402
+from pretrain.train.loop import train_worker  # noqa: E402
+from pretrain.train.stage import cnn_features_stage, hash_stage, train_round_stage  # noqa: E402
 from shards.fsutil import atomic_write_text  # noqa: E402
 from shards.shardset import ShardError, ShardSet  # noqa: E402
 from shards.sources import SourceError  # noqa: E402
 
 log = logging.getLogger("pretrain.run")
-STAGES = ("shard", "features", "cluster")
+STAGES = ("shard", "features", "cluster", "train", "hash", "eval")  # --force names; cluster/train: every round
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -67,6 +71,8 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
     if cfg.cluster.gpus_per_task > gpus:  # such tasks would wait forever
         raise ConfigError(f"cluster.gpus_per_task is {cfg.cluster.gpus_per_task} but no node of the Ray cluster "
                           f"has that many GPUs (most on one node: {gpus:g}); 0 runs the SVMs on CPUs")
+    if cfg.train.use_gpu and gpus < 1:
+        raise ConfigError("train.use_gpu is true but no node of the Ray cluster has a GPU")
     tracker = Tracker(
         run.path, run_id=run.run_id, run_name=cfg.run.name, config=to_dict(cfg), wandb_mode=cfg.tracking.wandb,
         project=cfg.tracking.project, entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s,
@@ -84,19 +90,75 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
             log.warning("patch preview skipped: %s", exc)
         result = stages.features_stage(cfg, run, ray_map, force="features" in force)
         tracker.log({"stage": "features", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-        cluster_map = functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task)
-        result = cluster_stage(cfg, run, index.root, cluster_map, force="cluster" in force)
-        summary = json.loads((run.path / "clusters" / "round0.json").read_text())
-        tracker.log({"stage": "cluster", "skipped": result.skipped, "wall_s": result.record["wall_s"],
-                     **{f"cluster/{k}": summary[k] for k in ("clusters", "members", "purity", "nmi") if k in summary}})
-        montage = run.path / "figures" / "clusters_round0.png"
-        if montage.is_file():  # skipped when the shards could not be read for it
-            tracker.log_image("cluster/montage", montage)
-        missing = ", ".join(f"{name} ({issue})" for name, issue in stages.PLANNED)
-        log.info("not built yet, so not run: %s", missing)
-        return {"run_dir": str(run.path), "patches": index.total, "clusters": summary["clusters"]}
+        summary = _rounds(cfg, run, index.root, tracker, force)
+        for bits in cfg.hash.all_bits:
+            result = hash_stage(cfg, run, index.root, bits, _trainer(cfg), _task_map(cfg), force="hash" in force)
+            _log_stage(tracker, result, run.path / "hash" / f"k{bits}" / "metrics.jsonl", f"hash_k{bits}")
+        result = eval_stage(cfg, run, index.root, force="eval" in force)
+        _log_eval(tracker, result, run.path)
+        return {"run_dir": str(run.path), "patches": index.total, "clusters": summary["clusters"],
+                "final": str(run.path / "final.safetensors")}
     finally:
         tracker.finish()
+
+
+def _task_map(cfg):
+    """Ray tasks for CNN inference (features, codes): one GPU share each when training uses GPUs."""
+    from shards.cluster import ray_map
+
+    return functools.partial(ray_map, num_gpus=0.25 if cfg.train.use_gpu else 0)
+
+
+def _trainer(cfg):
+    """Ray Train with the configured workers: trainer(config, name=..., storage_path=...)."""
+    from shards.cluster import ray_train
+
+    return functools.partial(ray_train, train_worker, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                             cpus_per_worker=cfg.train.cpus_per_worker, max_failures=cfg.train.max_failures)
+
+
+def _log_stage(tracker: Tracker, result, metrics: Path, prefix: str) -> None:
+    """Forwards a training run's metrics.jsonl (written by its rank 0) to the tracker."""
+    tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"]})
+    if result.skipped or not metrics.is_file():
+        return
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        tracker.log({f"{prefix}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))})
+
+
+def _rounds(cfg, run: RunDir, shards: Path, tracker: Tracker, force: list[str]) -> dict:
+    """Clustering and CNN training, alternating (paper sec. 3.1) -> the last round's cluster summary."""
+    from shards.cluster import ray_map
+
+    trainer = _trainer(cfg)
+    cluster_map = functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task)
+    for r in range(cfg.train.rounds):
+        if r > 0:
+            result = cnn_features_stage(cfg, run, shards, r, _task_map(cfg), force="features" in force)
+            tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"]})
+        result = cluster_stage(cfg, run, shards, cluster_map, round_=r, force="cluster" in force,
+                               features_stage="features" if r == 0 else f"features_round{r}")
+        summary = json.loads((run.path / "clusters" / f"round{r}.json").read_text())
+        tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"],
+                     **{f"cluster_round{r}/{k}": summary[k] for k in ("clusters", "members", "purity", "nmi")
+                        if k in summary}})
+        montage = run.path / "figures" / f"clusters_round{r}.png"
+        if montage.is_file() and not result.skipped:  # skipped when the shards could not be read for it
+            tracker.log_image(f"cluster/montage_round{r}", montage)
+        result = train_round_stage(cfg, run, shards, r, trainer, force="train" in force)
+        _log_stage(tracker, result, run.path / "train" / f"round{r}" / "metrics.jsonl", f"train_round{r}")
+    return summary
+
+
+def _log_eval(tracker: Tracker, result, run_dir: Path) -> None:
+    tracker.log({"stage": "eval", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
+    table = run_dir / "eval" / "retrieval.json"
+    if table.is_file():
+        rows = json.loads(table.read_text())["results"]
+        tracker.summary({f"map/{r['method']}/k{r['bits']}": r["map"] for r in rows})
+    for png in sorted((run_dir / "figures").glob("*_k*.png")):
+        tracker.log_image(f"eval/{png.stem}", png)
 
 
 def main(argv=None) -> int:
@@ -112,7 +174,7 @@ def main(argv=None) -> int:
         if unknown:
             raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
         run(cfg, run_dir, args.force)
-    except (ConfigError, SourceError, ShardError, RunDirError, ClusteringError) as exc:
+    except (ConfigError, SourceError, ShardError, RunDirError, ClusteringError, WeightsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -22,9 +22,6 @@ from shards.sources import Listing, list_items, source_fingerprint
 from shards.store import PatchStore
 from shards.writer import PatchParams
 
-# Stages not built yet, with the issue that builds each; run.py names them.
-PLANNED = (("train", "#4"), ("hash", "#4"), ("eval", "#4"))
-
 
 def patch_params(cfg: Config) -> PatchParams:
     d = cfg.data

@@ -1,10 +1,12 @@
 """Stage 1: init features for every patch, one task per shard through a `mapper`, resumable.
 
-Files in `out_dir`:
+Files in `out_dir` (round 0: the init features; round r > 0: CNN features, `kind="cnn"`):
   encoder.npz               the fitted encoder (FisherEncoder.save), fitted once on a seeded sample
-  round0.npy                (total_patches, out_dim) float16; row i is global patch i
+                            (round r > 0: encoder_roundR.npz)
+  round0.npy                (total_patches, out_dim) float16; row i is global patch i (roundR.npy)
   .features-progress.jsonl  one line per shard whose rows are written and flushed:
                             {"shard": name, "shard_sha256": ..., "encoder_sha256": ...}
+                            (round r > 0: .features-roundR-progress.jsonl)
 
 A shard's rows are trusted only if its progress line names the current encoder and the same shard
 file; a killed run re-encodes just the other shards. `mapper` is `shards.cluster.serial_map` or
@@ -22,6 +24,7 @@ from typing import Callable
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from pretrain.features.cnn import cnn_features, fit_cnn_encoder
 from pretrain.features.fisher import FisherEncoder, fisher_vectors, fit_fisher_encoder, whiten
 from pretrain.features.hog import fit_hog_encoder, hog_features
 from shards.fsutil import atomic_write_text, sha256_file
@@ -29,8 +32,15 @@ from shards.store import PatchStore
 
 log = logging.getLogger(__name__)
 
-FIT = {"fv": fit_fisher_encoder, "hog": fit_hog_encoder}
+FIT = {"fv": fit_fisher_encoder, "hog": fit_hog_encoder, "cnn": fit_cnn_encoder}
 ENCODER, FEATURES, PROGRESS = "encoder.npz", "round0.npy", ".features-progress.jsonl"
+
+
+def file_names(round_: int) -> tuple[str, str, str]:
+    """(encoder, features, progress) file names of a round's features."""
+    if round_ == 0:
+        return ENCODER, FEATURES, PROGRESS
+    return f"encoder_round{round_}.npz", f"round{round_}.npy", f".features-round{round_}-progress.jsonl"
 READ_BATCH = 1024  # patches decoded at a time inside a task: bounds a task's memory on big shards
 
 
@@ -43,6 +53,9 @@ def encode(patches: np.ndarray, enc: FisherEncoder) -> np.ndarray:
         raw = fisher_vectors(patches, enc)
     elif enc.kind == "hog":
         raw = hog_features(patches, enc.settings["cell_px"])
+    elif enc.kind == "cnn":
+        st = enc.settings
+        raw = cnn_features(patches, model_path=st["model_path"], model_sha256=st["model_sha256"], layer=st["layer"])
     else:
         raise ValueError(f"unknown encoder kind {enc.kind!r}")
     x = whiten(raw, enc)
@@ -128,11 +141,12 @@ def _trusted_shards(progress: Path, shard_sha: dict, encoder_sha: str) -> list[d
 
 
 def extract_features(shards_root: str | Path, out_dir: str | Path, *, kind: str, mapper: Callable,
-                     fit_sample_patches: int, seed: int, **settings) -> dict:
+                     fit_sample_patches: int, seed: int, round_: int = 0, **settings) -> dict:
     """Encodes every patch of the shard set at `shards_root` into `out_dir/round0.npy`
-    ((total, out_dim) float16), resuming a killed run. `settings` go to fit_fisher_encoder (kind "fv":
-    step_px, bin_px, desc_pca_dim, gmm_components, out_dim) or fit_hog_encoder ("hog": cell_px,
-    out_dim); both take an optional whiten_reg.
+    ((total, out_dim) float16; `roundR.npy` for round_ R), resuming a killed run. `settings` go to
+    fit_fisher_encoder (kind "fv": step_px, bin_px, desc_pca_dim, gmm_components, out_dim),
+    fit_hog_encoder ("hog": cell_px, out_dim) or fit_cnn_encoder ("cnn": model_path, model_sha256,
+    layer, out_dim); all take an optional whiten_reg.
     -> {"features", "encoder" (paths), "dim", "patches", "encoded_shards" (by this call)}."""
     shards_root, out_dir = Path(shards_root), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +155,7 @@ def extract_features(shards_root: str | Path, out_dir: str | Path, *, kind: str,
     if fit_sample_patches < 2:
         raise ValueError(f"fit_sample_patches must be >= 2, got {fit_sample_patches}")
     n_fit = min(fit_sample_patches, len(store))
-    enc_path, feat_path, progress = out_dir / ENCODER, out_dir / FEATURES, out_dir / PROGRESS
+    enc_path, feat_path, progress = (out_dir / name for name in file_names(round_))
     enc = _fitted_encoder(store, enc_path, kind, seed, n_fit, settings)
     enc_sha = sha256_file(enc_path)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TOY_RUN
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def test_job_submit_runs_the_pipeline_on_the_cluster(ray_head, tmp_path):
     ray, address, env = ray_head
     run_dir = tmp_path / "run"
     cmd = [ray, "job", "submit", "--address", address, "--working-dir", ".", "--", "python", "pretrain/run.py",
-           "--run-dir", str(run_dir), "--set", "data.patches_per_image=4", "--set", "tracking.wandb=disabled"]
+           "--run-dir", str(run_dir), *TOY_RUN, "--set", "tracking.wandb=disabled"]
     for attempt in range(10):  # the job server comes up a little after `ray start` returns
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         if out.returncode == 0 or "Connection" not in out.stderr + out.stdout:
@@ -53,4 +53,5 @@ def test_job_submit_runs_the_pipeline_on_the_cluster(ray_head, tmp_path):
     assert "succeeded" in out.stdout + out.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert "shards/shards.json" in manifest["stages"]["shard"]["outputs"]
+    assert "final.safetensors" in manifest["stages"]["hash_k16"]["outputs"]  # Ray Train ran inside the job
     assert shutil.which(ray)

@@ -3,12 +3,11 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import TOY_RUN, run_cli
 
 pytestmark = pytest.mark.ray
 
-SMALL = ["--set", "data.patches_per_image=6", "--set", "data.images_per_shard=5", "--set", "tracking.wandb=offline",
-         "--set", "features.out_dim=16", "--set", "features.gmm_components=4", "--set", "features.desc_pca_dim=16"]
+SMALL = TOY_RUN
 
 
 def test_demo_run_builds_shards_then_skips_them(tmp_path):
@@ -16,7 +15,10 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     first = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert first.returncode == 0, first.stderr
     assert "stage shard: running (not run yet)" in first.stderr
-    assert "not built yet, so not run: train (#4)" in first.stderr
+    for stage in ("train_round0", "hash_k16", "eval"):
+        assert f"stage {stage}: running (not run yet)" in first.stderr
+    assert (run_dir / "final.safetensors").is_file() and (run_dir / "codes.npy").is_file()
+    assert (run_dir / "figures" / "attributes_k16.png").is_file()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     outputs = manifest["stages"]["shard"]["outputs"]
     assert "shards/shards.json" in outputs and len(outputs) == 5  # 19 photos / 5 per shard = 4 tars + index
@@ -25,7 +27,7 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
 
     second = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert second.returncode == 0, second.stderr
-    for stage in ("shard", "features", "cluster_round0"):
+    for stage in ("shard", "features", "cluster_round0", "train_round0", "hash_k16", "eval"):
         assert f"stage {stage}: up to date, skipped" in second.stderr
     assert json.loads((run_dir / "manifest.json").read_text())["stages"] == manifest["stages"]
 
