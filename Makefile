@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(BIN)/python scripts/bench_shards.py
 	$(BIN)/python scripts/bench_cluster.py
+	$(BIN)/python scripts/bench_train.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
