@@ -139,9 +139,13 @@ def _optimizer(net: Net, spec: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.SGD([g for g in groups if g["params"]], lr=spec.lr, momentum=spec.momentum)
 
 
+def _unwrap(model: nn.Module) -> Net:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-    px = net.trunk.input_px if not isinstance(net, DistributedDataParallel) else net.module.trunk.input_px
-    aug = dict(generator=gen, out_px=px, scale=spec.aug_scale, brightness=spec.aug_color,
+    """One batch's loss -> (scalar, logs). `net`: Net or DDP(Net); batch: see ClusterBatches."""
+    aug = dict(generator=gen, out_px=_unwrap(net).trunk.input_px, scale=spec.aug_scale, brightness=spec.aug_color,
                contrast=spec.aug_color, saturation=spec.aug_color)
     x = augment(batch["image"].to(device, non_blocking=True), **aug)  # (B, 3, px, px)
     cluster = batch["cluster"].to(device)
@@ -155,8 +159,7 @@ def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator) -> tu
     xp = augment(batch["positive"].to(device, non_blocking=True), **aug)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
         f, b = net(torch.cat([x, xp]))  # anchors and positives in one pass: (2B, d), (2B, K)
-    head = net.module.head if isinstance(net, DistributedDataParallel) else net.head
-    n = len(x)
+    head, n = _unwrap(net).head, len(x)
     # Eq. 2's regularizers shape W on the (zero-meaned) features; the features are detached so the
     # variance term cannot be raised by inflating the trunk's activations instead of turning W
     centred = (f[:n].float() - head.mean).detach()

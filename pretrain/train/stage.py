@@ -33,9 +33,9 @@ from pretrain.train.loop import TrainSpec
 from shards.fsutil import atomic_write_bytes, atomic_write_npz, atomic_write_text, sha256_file
 from shards.store import PatchStore
 
-# resources, not results: changing them must not redo a finished round
+# resources, not results, and settings of later stages: changing them must not redo a finished round
 NOT_HASHED = ("num_workers", "use_gpu", "cpus_per_worker", "loader_workers", "amp", "checkpoint_every",
-              "max_failures")
+              "max_failures", "rounds", "feature_layer", "feature_fit_patches")
 
 
 def round_steps(members: int, views: int, epochs: float, batch: int, workers: int, cap: int) -> int:
