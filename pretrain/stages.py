@@ -14,6 +14,7 @@ import numpy as np
 from pretrain.config import Config, ConfigError, to_dict
 from pretrain.features.extract import extract_features
 from pretrain.figures import grid, save_png
+from pretrain.models.alexnet import ARCHS
 from pretrain.rundir import RunDir, StageResult
 from shards.build import build_shards
 from shards.fsutil import sha256_file
@@ -34,6 +35,10 @@ def patch_params(cfg: Config) -> PatchParams:
 def check_data(cfg: Config) -> Listing | ShardSet:
     """Fails fast (SourceError, ShardError, ConfigError) on a missing source or bad patch settings,
     before Ray starts or anything is written. Returns the source listing or the prebuilt shards."""
+    arch_px = ARCHS[cfg.train.arch].input_px
+    if cfg.data.patch_size_px != arch_px:  # the trunk is built for one input size
+        raise ConfigError(f"train.arch {cfg.train.arch} takes {arch_px}px patches but data.patch_size_px is "
+                          f"{cfg.data.patch_size_px}")
     if cfg.data.shards_dir:
         shards = ShardSet.open(Path(cfg.data.shards_dir).resolve())
         if shards.patch_px != cfg.data.patch_size_px:

@@ -18,13 +18,16 @@ from shards.writer import PatchParams
 REPO = Path(__file__).resolve().parents[1]
 
 # `pretrain/run.py` arguments for a whole pipeline run at toy size (demo photos, 6 patches each)
+# stages 3-5 at toy size: one round, a few steps of a narrow trunk, one code length
+TOY_TRAIN = [
+    "--set", "train.rounds=1", "--set", "train.width=0.125", "--set", "train.max_steps_per_round=3",
+    "--set", "train.batch_size_per_worker=16", "--set", "hash.max_steps=3", "--set", "hash.batch_size_per_worker=16",
+    "--set", "hash.code_bits=16", "--set", "hash.extra_bits=[]",
+]
 TOY_RUN = [
     "--set", "data.patches_per_image=6", "--set", "data.images_per_shard=5", "--set", "tracking.wandb=offline",
     "--set", "features.out_dim=16", "--set", "features.gmm_components=4", "--set", "features.desc_pca_dim=16",
-    # stages 3-5 at toy size: one round, a few steps of a narrow trunk
-    "--set", "train.rounds=1", "--set", "train.width=0.125", "--set", "train.max_steps_per_round=3",
-    "--set", "train.batch_size_per_worker=16", "--set", "hash.max_steps=3", "--set", "hash.batch_size_per_worker=16",
-    "--set", "hash.code_bits=16",
+    *TOY_TRAIN,
 ]
 
 

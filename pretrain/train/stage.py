@@ -9,7 +9,8 @@
 
 `trainer(config, name=..., storage_path=...)` runs `train_worker` and returns the final checkpoint
 directory: `shards.cluster.ray_train` in the driver, `session.local_trainer` in tests. A rerun with
-the same name resumes from the newest checkpoint there; a changed spec starts the directory afresh,
+the same name resumes from the newest checkpoint there; a changed spec or changed inputs (new clusters
+at the same path) start the directory afresh,
 so a stale checkpoint is never resumed into a different run.
 """
 from __future__ import annotations
@@ -64,8 +65,9 @@ def fresh_storage(path: Path, key: str) -> None:
         atomic_write_text(stamp, key)
 
 
-def _fit(trainer: Callable, spec: TrainSpec, storage: Path, name: str, out: Path) -> Path:
-    fresh_storage(storage, config_hash(dataclasses.asdict(spec)))
+def _fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: str, out: Path) -> Path:
+    # the key holds the stage's input fingerprints too: new clusters at the same paths are another run
+    fresh_storage(storage, config_hash({"spec": dataclasses.asdict(spec), "inputs": inputs}))
     final = trainer(dataclasses.asdict(spec), name=name, storage_path=storage)
     atomic_write_bytes(out, (Path(final) / "model.safetensors").read_bytes())
     return out
@@ -97,7 +99,7 @@ def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, 
         spec = TrainSpec(mode="cluster", pixels_path=str(pixels), clusters_path=str(clusters), out_dir=str(d),
                          init_from=init, steps=steps, batch_size_per_worker=t.batch_size_per_worker, lr=t.lr,
                          **_spec_common(cfg))
-        out = _fit(trainer, spec, d / "ray", f"round{round_}", d / "model.safetensors")
+        out = _fit(trainer, spec, inputs, d / "ray", f"round{round_}", d / "model.safetensors")
         return {str(out): None}
 
     return run.run_stage(f"train_round{round_}", work, config=config, inputs=inputs, force=force)
@@ -158,7 +160,7 @@ def hash_stage(cfg: Config, run: RunDir, shards_root: Path, bits: int, trainer: 
                          init_from=str(trunk), steps=steps, batch_size_per_worker=h.batch_size_per_worker, lr=h.lr,
                          bits=bits, hash_init=str(init), alpha=h.alpha, beta=h.beta, gamma=h.gamma,
                          printed_eq2=h.printed_eq2, trunk_lr_scale=h.trunk_lr_scale, **_spec_common(cfg))
-        model = _fit(trainer, spec, d / "ray", f"k{bits}", d / "model.safetensors")
+        model = _fit(trainer, spec, inputs, d / "ray", f"k{bits}", d / "model.safetensors")
         codes = write_codes(shards_root, model, d, mapper)
         produced = {str(model): None, **{str(p): None for p in codes}}
         if bits == h.code_bits:

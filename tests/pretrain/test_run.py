@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.conftest import TOY_RUN, run_cli
+from tests.conftest import TOY_RUN, TOY_TRAIN, run_cli
 
 pytestmark = pytest.mark.ray
 
@@ -80,7 +80,8 @@ def test_grid_places_every_image():
 def test_prebuilt_shards_dir_is_recorded_and_checked(tmp_path, shard_dir):
     run_dir = tmp_path / "run"
     base = ["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "tracking.wandb=disabled"]
-    ok = run_cli([*base, "--set", f"data.shards_dir={shard_dir}", "--set", "data.patch_size_px=32"])
+    ok = run_cli([*base, "--set", f"data.shards_dir={shard_dir}", "--set", "data.patch_size_px=32",
+                  "--set", "train.arch=alexnet32"])
     assert ok.returncode == 0, ok.stderr
     assert "shards: 60 patches in 3 shards" in ok.stderr and not (run_dir / "shards").exists()
     rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["shard"]
@@ -89,6 +90,10 @@ def test_prebuilt_shards_dir_is_recorded_and_checked(tmp_path, shard_dir):
     assert wrong.returncode == 2
     assert wrong.stderr.strip().splitlines() == [
         "error: data.shards_dir holds 32px patches but data.patch_size_px is 96"]
+    arch = run_cli([*base, "--set", f"data.shards_dir={shard_dir}", "--set", "data.patch_size_px=32"])
+    assert arch.returncode == 2
+    assert arch.stderr.strip().splitlines() == [
+        "error: train.arch alexnet96 takes 96px patches but data.patch_size_px is 32"]
 
 
 def test_cluster_runs_need_an_absolute_run_dir_and_one_driver_per_dir(tmp_path):
@@ -105,12 +110,13 @@ def test_cluster_runs_need_an_absolute_run_dir_and_one_driver_per_dir(tmp_path):
 
 
 def test_clustering_outputs_and_digits_purity(tmp_path):
-    """The digits config end to end: shards -> HOG features -> clusters scored against the labels."""
+    """The digits config end to end (stages 3-5 at toy size): shards -> HOG features -> clusters scored
+    against the labels -> ... -> the retrieval table."""
     import numpy as np
 
     run_dir = tmp_path / "digits"
     out = run_cli(["pretrain/run.py", "--config", "pretrain/configs/digits.yaml", "--run-dir", str(run_dir),
-                   "--set", "tracking.wandb=disabled"])
+                   "--set", "tracking.wandb=disabled", *TOY_TRAIN, "--set", "eval.repeats=2"])
     assert out.returncode == 0, out.stderr
     with np.load(run_dir / "clusters" / "round0.npz", allow_pickle=False) as z:
         c = len(z["offsets"]) - 1
@@ -122,6 +128,9 @@ def test_clustering_outputs_and_digits_purity(tmp_path):
     assert summary["clusters"] == c and summary["purity"] > 0.8 and 0 < summary["nmi"] <= 1
     assert (run_dir / "figures" / "clusters_round0.png").is_file()
     assert not (run_dir / "clusters" / "round0.work").exists()
+    rows = json.loads((run_dir / "eval" / "retrieval.json").read_text())["results"]
+    assert {r["method"] for r in rows} == {"ours", "LSH", "PCAH", "ITQ", "SH"} and all(0 < r["map"] <= 1 for r in rows)
+    assert (run_dir / "figures" / "retrieval_k16.png").is_file()
 
 
 def test_gpu_tasks_without_gpus_and_impossible_features_fail_in_one_line(tmp_path):
