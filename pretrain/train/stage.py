@@ -32,11 +32,14 @@ from pretrain.train.data import write_member_pixels
 from pretrain.train.export import export_final, write_codes
 from pretrain.train.loop import TrainSpec
 from shards.fsutil import atomic_write_bytes, atomic_write_npz, atomic_write_text, sha256_file
+from shards.shardset import SHARDS_JSON
 from shards.store import PatchStore
 
 # resources, not results, and settings of later stages: changing them must not redo a finished round
 NOT_HASHED = ("num_workers", "use_gpu", "cpus_per_worker", "loader_workers", "amp", "checkpoint_every",
               "max_failures", "rounds", "feature_layer", "feature_fit_patches")
+# spec fields a relaunch may change and still resume its checkpoints
+RESUMABLE_CHANGES = ("checkpoint_every", "loader_workers", "progress")
 
 
 def round_steps(members: int, views: int, epochs: float, batch: int, workers: int, cap: int) -> int:
@@ -47,13 +50,15 @@ def round_steps(members: int, views: int, epochs: float, batch: int, workers: in
 
 
 def ensure_member_pixels(shards_root: Path, clusters: Path, out: Path) -> Path:
-    member_index = np.load(clusters, allow_pickle=False)["member_index"]
-    if out.is_file():
-        have = np.load(out, mmap_mode="r")
-        if have.shape[0] == len(member_index):
-            return out
+    """`out` (members.npy) for this cluster file and these shards, reused when its stamp matches."""
+    stamp = out.with_name(out.name + ".key")
+    key = config_hash({"clusters": sha256_file(clusters), "shards": sha256_file(Path(shards_root) / SHARDS_JSON)})
+    if out.is_file() and stamp.is_file() and stamp.read_text() == key:
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_member_pixels(shards_root, member_index, out)
+    write_member_pixels(shards_root, np.load(clusters, allow_pickle=False)["member_index"], out)
+    atomic_write_text(stamp, key)
+    return out
 
 
 def fresh_storage(path: Path, key: str) -> None:
@@ -67,7 +72,8 @@ def fresh_storage(path: Path, key: str) -> None:
 
 def _fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: str, out: Path) -> Path:
     # the key holds the stage's input fingerprints too: new clusters at the same paths are another run
-    fresh_storage(storage, config_hash({"spec": dataclasses.asdict(spec), "inputs": inputs}))
+    same_run = {k: v for k, v in dataclasses.asdict(spec).items() if k not in RESUMABLE_CHANGES}
+    fresh_storage(storage, config_hash({"spec": same_run, "inputs": inputs}))
     final = trainer(dataclasses.asdict(spec), name=name, storage_path=storage)
     atomic_write_bytes(out, (Path(final) / "model.safetensors").read_bytes())
     return out

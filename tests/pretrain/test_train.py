@@ -300,3 +300,14 @@ def test_round_steps_covers_the_views_on_all_workers():
     assert round_steps(members=100, views=20, epochs=0.5, batch=64, workers=2, cap=0) == 8
     assert round_steps(members=100, views=20, epochs=1, batch=64, workers=2, cap=10) == 10
     assert round_steps(members=0, views=20, epochs=1, batch=64, workers=2, cap=0) == 1
+
+
+def test_member_pixels_are_rewritten_for_other_clusters_of_the_same_size(shard_dir, tmp_path):
+    from pretrain.train.stage import ensure_member_pixels
+    from shards.store import PatchStore
+
+    clusters, out = tmp_path / "clusters.npz", tmp_path / "members.npy"
+    for rows in ([0, 1, 2, 3], [10, 11, 12, 13], [10, 11, 12, 13]):
+        np.savez(clusters, member_index=np.array(rows, np.int64), offsets=np.array([0, 2, 4]))
+        ensure_member_pixels(shard_dir, clusters, out)
+        assert np.array_equal(np.load(out), PatchStore(shard_dir).get(rows))
