@@ -214,7 +214,8 @@ def test_a_killed_cluster_stage_resumes_in_the_run_directory(tmp_path, shard_dir
     from pretrain.rundir import RunDir
 
     cfg = load_config(None, [f"data.shards_dir={shard_dir}", "data.patch_size_px=32", "train.arch=alexnet32",
-                             "features.kind=hog", "features.hog_cell_px=8", "features.out_dim=8", "cluster.init_divisor=2"])
+                             "features.kind=hog", "features.hog_cell_px=8", "features.out_dim=8",
+                             "cluster.init_divisor=2"])
     run = RunDir(tmp_path / "run")
     stages.shard_stage(cfg, run, stages.check_data(cfg), serial_map)
     stages.features_stage(cfg, run, serial_map)
@@ -253,8 +254,8 @@ def test_natural_world_by_source_key(tmp_path, shard_dir):
         natural_rows(store, "web/*")
 
     cfg = load_config(None, [f"data.shards_dir={shard_dir}", "data.patch_size_px=32", "train.arch=alexnet32",
-                             "features.kind=hog", "features.hog_cell_px=8", "features.out_dim=8", "cluster.natural_world=coffee/*",
-                             "cluster.init_divisor=2", "cluster.min_members=1"])
+                             "features.kind=hog", "features.hog_cell_px=8", "features.out_dim=8",
+                             "cluster.natural_world=coffee/*", "cluster.init_divisor=2", "cluster.min_members=1"])
     run = RunDir(tmp_path / "run")
     stages.shard_stage(cfg, run, stages.check_data(cfg), serial_map)
     stages.features_stage(cfg, run, serial_map)
