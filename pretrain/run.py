@@ -156,7 +156,7 @@ def _log_eval(tracker: Tracker, result, run_dir: Path) -> None:
     table = run_dir / "eval" / "retrieval.json"
     if table.is_file():
         rows = json.loads(table.read_text())["results"]
-        tracker.summary({f"map/{r['method']}/k{r['bits']}": r["map"] for r in rows})
+        tracker.summary({f"map/{r['method']}/k{r['bits']}": r["map"] for r in rows if "map" in r})
     for png in sorted((run_dir / "figures").glob("*_k*.png")):
         tracker.log_image(f"eval/{png.stem}", png)
 

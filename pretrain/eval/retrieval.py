@@ -132,23 +132,30 @@ def evaluate_retrieval(packed: np.ndarray, labels: np.ndarray, *, queries_per_cl
     return out
 
 
-def baseline_rows(x: np.ndarray, labels: np.ndarray, bits: tuple[int, ...] = (16, 32, 64), *,
-                  fit_x: np.ndarray | None = None, seed: int = 0, **eval_kwargs) -> list[dict]:
-    """Fits every `BASELINES` method on fit_x (default x): (N, d) float, codes x, and scores them with
-    `evaluate_retrieval(**eval_kwargs)`. One row per (method, bits): {"method", "bits", **scores}, or
-    {"method", "bits", "skipped": reason} where the method cannot give that many bits."""
+def baseline_codes(x: np.ndarray, bits: tuple[int, ...], *, fit_x: np.ndarray | None = None,
+                   seed: int = 0) -> tuple[dict[tuple[str, int], np.ndarray], list[dict]]:
+    """Fits every `BASELINES` method on fit_x (default x): (N, d) float and codes x ->
+    ({(method, bits): (N, bits/8) uint8 packed codes}, [{"method", "bits", "skipped": reason}] for the
+    methods that cannot give that many bits)."""
     fit_x = x if fit_x is None else fit_x
-    rows = []
+    codes, skipped = {}, []
     for k in bits:
         for name, fit in BASELINES.items():
             try:
-                hasher = fit(fit_x, k, seed=seed)
+                codes[(name, k)] = pack_codes(fit(fit_x, k, seed=seed).encode(x))
             except ValueError as err:
-                rows.append({"method": name, "bits": k, "skipped": str(err)})
-                continue
-            scores = evaluate_retrieval(pack_codes(hasher.encode(x)), labels, seed=seed, **eval_kwargs)
-            rows.append({**scores, "method": name, "bits": k})
-    return rows
+                skipped.append({"method": name, "bits": k, "skipped": str(err)})
+    return codes, skipped
+
+
+def baseline_rows(x: np.ndarray, labels: np.ndarray, bits: tuple[int, ...] = (16, 32, 64), *,
+                  fit_x: np.ndarray | None = None, seed: int = 0, **eval_kwargs) -> list[dict]:
+    """`baseline_codes` scored with `evaluate_retrieval(**eval_kwargs)`: one row per (method, bits),
+    {"method", "bits", **scores}, or {"method", "bits", "skipped": reason}."""
+    codes, skipped = baseline_codes(x, bits, fit_x=fit_x, seed=seed)
+    rows = [{**evaluate_retrieval(c, labels, seed=seed, **eval_kwargs), "method": name, "bits": k}
+            for (name, k), c in codes.items()]
+    return rows + skipped
 
 
 def _cell(row: dict, key: str, best: float | None) -> str:

@@ -18,8 +18,7 @@ import numpy as np
 
 from pretrain.config import Config, to_dict
 from pretrain.eval.attributes import bit_extremes, pick_bits, retrieval_grid
-from pretrain.eval.hashing_baselines import BASELINES
-from pretrain.eval.retrieval import HammingIndex, code_stats, evaluate_retrieval, pack_codes, retrieval_table
+from pretrain.eval.retrieval import HammingIndex, baseline_codes, code_stats, evaluate_retrieval, retrieval_table
 from pretrain.figures import save_png
 from pretrain.rundir import RunDir, StageResult
 from shards.fsutil import atomic_write_json, atomic_write_text
@@ -41,19 +40,15 @@ def _retrieval(cfg: Config, run: RunDir, store: PatchStore, labels: np.ndarray, 
     e, seed = cfg.eval, cfg.run.seed
     rows = np.flatnonzero(labels >= 0)
     x = baseline_input(store, rows, e.baseline_input, run.path / "features" / "round0.npy")
+    packed = {("ours", k): np.load(run.path / "hash" / f"k{k}" / "codes.npy")[rows] for k in bits}
+    found, skipped = baseline_codes(x, bits, seed=seed)
+    packed |= found
+    for row in skipped:  # e.g. more bits than input dimensions
+        log.warning("baseline %s at %d bits skipped: %s", row["method"], row["bits"], row["skipped"])
     kw = dict(queries_per_class=e.queries_per_class, repeats=e.repeats, precision_at=e.precision_at, seed=seed)
-    table, packed = [], {}
-    for k in bits:
-        packed[("ours", k)] = np.load(run.path / "hash" / f"k{k}" / "codes.npy")[rows]
-        for name, fit in BASELINES.items():
-            try:
-                packed[(name, k)] = pack_codes(fit(x, k, seed).encode(x))
-            except ValueError as exc:  # e.g. more bits than input dimensions
-                log.warning("baseline %s at %d bits skipped: %s", name, k, exc)
-        for (name, kk), codes in packed.items():
-            if kk == k:
-                table.append({"method": name, "bits": k, **evaluate_retrieval(codes, labels[rows], **kw)})
-    return {"rows": table, "packed": packed, "labelled_rows": rows}
+    table = [{"method": name, "bits": k, **evaluate_retrieval(codes, labels[rows], **kw)}
+             for k in bits for (name, kk), codes in packed.items() if kk == k]
+    return {"rows": table + skipped, "packed": packed, "labelled_rows": rows}
 
 
 def _grid(cfg: Config, store: PatchStore, labels: np.ndarray, found: dict, k: int) -> np.ndarray:
