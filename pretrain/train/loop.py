@@ -105,16 +105,19 @@ def build_net(spec: TrainSpec, num_clusters: int) -> Net:
     return Net(trunk, head)
 
 
+def _head_prefix(net: Net) -> str:
+    return "classifier" if isinstance(net.head, ClusterHead) else "hash"
+
+
 def state_tensors(net: Net) -> dict[str, torch.Tensor]:
     """The checkpoint's keys: trunk keys bare (conv1.weight, ...), the head under its role's prefix."""
-    prefix = "classifier" if isinstance(net.head, ClusterHead) else "hash"
+    prefix = _head_prefix(net)
     return {**net.trunk.state_dict(), **{f"{prefix}.{k}": v for k, v in net.head.state_dict().items()}}
 
 
 def load_state(net: Net, tensors: dict[str, torch.Tensor]) -> None:
-    prefix = "classifier" if isinstance(net.head, ClusterHead) else "hash"
     net.trunk.load_state_dict(trunk_state(tensors), strict=True)
-    net.head.load_state_dict(split_prefix(tensors, prefix), strict=True)
+    net.head.load_state_dict(split_prefix(tensors, _head_prefix(net)), strict=True)
 
 
 def model_meta(spec: TrainSpec) -> dict:
