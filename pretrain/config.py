@@ -316,12 +316,13 @@ def _coerce(key: str, value, typ):
     raise ConfigError(f"config key {key}: expected {typ.__name__}, got {value!r}")
 
 
-def _build(cls, values: dict, prefix: str = ""):
+def _build(cls, values: dict, prefix: str = "", root=None):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
+    root = root or cls
     for k in values:
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys(root))}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in values:
@@ -330,7 +331,7 @@ def _build(cls, values: dict, prefix: str = ""):
         if is_dataclass(t):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key {key}: expected a mapping of {t.__name__} fields, got {v!r}")
-            kwargs[f.name] = _build(t, v, key + ".")
+            kwargs[f.name] = _build(t, v, key + ".", root)
         else:
             kwargs[f.name] = _coerce(key, v, t)
     return cls(**kwargs)
@@ -346,16 +347,16 @@ def _set_dotted(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _field_type(dotted: str):
-    typ = Config
+def _field_type(dotted: str, root):
+    typ = root
     for part in dotted.split("."):
         typ = typing.get_type_hints(typ)[part]
     return typ
 
 
-def _parse_override(key: str, raw: str):
+def _parse_override(key: str, raw: str, root):
     """An override's text -> a value of its field's type (text fields keep the text as typed)."""
-    typ = _field_type(key)
+    typ = _field_type(key, root)
     if typ is str:
         return raw
     if typ in (int, float):
@@ -369,9 +370,11 @@ def _parse_override(key: str, raw: str):
         raise ConfigError(f"config key {key}: cannot parse {raw!r}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """YAML file (default: demo.yaml) + `a.b=c` overrides -> Config. Raises ConfigError."""
-    path = Path(path) if path else DEFAULT_CONFIG
+def load_config(path: str | Path | None = None, overrides: list[str] = (), *, root=Config,
+                default: Path = DEFAULT_CONFIG):
+    """YAML file (default: demo.yaml) + `a.b=c` overrides -> an instance of `root` (Config; the transfer
+    driver passes its own). Raises ConfigError."""
+    path = Path(path) if path else default
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -380,7 +383,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(f"{path}: not a valid YAML file ({str(exc).splitlines()[0]})") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    keys = valid_keys()
+    keys = valid_keys(root)
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -388,8 +391,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         if key not in keys:
             raise ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(keys)}")
-        _set_dotted(tree, key, _parse_override(key, raw))
-    return _build(Config, tree)
+        _set_dotted(tree, key, _parse_override(key, raw, root))
+    return _build(root, tree)
 
 
 def to_dict(obj) -> dict:
@@ -403,5 +406,5 @@ def config_hash(section) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def dump_yaml(cfg: Config) -> str:
+def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
