@@ -28,11 +28,13 @@ test: lint
 
 demo: setup
 	$(BIN)/python pretrain/run.py --run-dir $(RUN_DIR)
+	$(BIN)/python transfer/voc07.py --ckpt $(RUN_DIR)/final.safetensors --run-dir $(RUN_DIR)/transfer
 
 bench: setup
 	$(BIN)/python scripts/bench_shards.py
 	$(BIN)/python scripts/bench_cluster.py
 	$(BIN)/python scripts/bench_train.py
+	$(BIN)/python scripts/bench_transfer.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -45,6 +45,7 @@ def parse_args():
     p.add_argument("--max-size-px", type=int, default=400)
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--max-boxes", type=int, default=1000)
+    p.add_argument("--loader-workers", type=int, default=2, help="image decoding processes (training and test)")
     p.add_argument("--voc", default="", help="an existing VOC devkit instead of a generated one")
     p.add_argument("--proposals", default="", help="boxes from this .npz (transfer/proposals.py's format) instead "
                    "of selective search: no proposal figures (for machines without OpenCV contrib or Ray)")
@@ -68,8 +69,9 @@ def bench_proposals(anns, cache: Path, settings: dict) -> dict:
 
 def bench_test(model, db, device, args) -> dict:
     kw = dict(scale_px=args.scale_px, max_size_px=args.max_size_px, nms_iou=0.3, score_thresh=0.001, max_per_image=100)
-    detect_all(model, db, device=device, progress=False, **kw)  # warm-up (allocator, kernels)
-    dets, forward_s = detect_all(model, db, device=device, progress=False, **kw)
+    kw.update(device=device, loader_workers=args.loader_workers, progress=False)
+    detect_all(model, db, **kw)  # warm-up (allocator, kernels)
+    dets, forward_s = detect_all(model, db, **kw)
     gts = [type("GT", (), {"boxes": b, "labels": lab, "difficult": d}) for b, lab, d in map(db.gt, range(len(db)))]
     t0 = time.perf_counter()
     evaluate_detections(dets, gts, VOC_CLASSES)
@@ -116,7 +118,7 @@ def main() -> None:
         device = default_device()
         spec = DetectorSpec(roidb=str(tmp / "train.npz"), out_dir=str(tmp / "train"), init="random",
                             width=args.width, fc_dim=args.fc_dim, iterations=args.iterations, lr=0.001,
-                            scale_px=args.scale_px, max_size_px=args.max_size_px, loader_workers=2,
+                            scale_px=args.scale_px, max_size_px=args.max_size_px, loader_workers=args.loader_workers,
                             checkpoint_every=args.iterations, log_every=5, progress=False)
         session = LocalSession(tmp / "ckpt", device=device)
         train_detector(spec.__dict__, session)

@@ -194,12 +194,19 @@ def train_detector(config: dict, session: Session) -> dict:
 
 @torch.no_grad()
 def detect(model: FastRCNN, image: np.ndarray, proposals: np.ndarray, *, scale_px: int, max_size_px: int,
-           nms_iou: float = 0.3, score_thresh: float = 0.001, max_per_image: int = 100,
-           device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           device: torch.device | str = "cpu", **kw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image (H, W, 3) uint8 and its proposals (K, 4) -> boxes (D, 4) float32 in the image's
-    pixels, scores (D,) float32, labels (D,) int64 in 1..C; best first."""
+    pixels, scores (D,) float32, labels (D,) int64 in 1..C; best first. `kw`: detect_prepared's."""
     x, scale = prepare_image(image, scale_px, max_size_px)
-    props = torch.from_numpy(np.asarray(proposals, np.float32)).to(device)
+    return detect_prepared(model, x, scale, image.shape[:2], proposals, device=device, **kw)
+
+
+@torch.no_grad()
+def detect_prepared(model: FastRCNN, x: torch.Tensor, scale: float, hw: tuple[int, int], proposals: np.ndarray, *,
+                    nms_iou: float = 0.3, score_thresh: float = 0.001, max_per_image: int = 100,
+                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`detect` on an image already resized by `scale` (prepare_image), (3, h, w); hw: the original size."""
+    props = torch.as_tensor(np.asarray(proposals, np.float32)).to(device)
     rois = torch.cat([props.new_zeros(len(props), 1), props * scale], 1)
     logits, deltas = model(x[None].to(device), rois)
     probs = logits.float().softmax(1)[:, 1:]  # (K, C): background dropped
@@ -209,7 +216,7 @@ def detect(model: FastRCNN, image: np.ndarray, proposals: np.ndarray, *, scale_p
     else:
         d = deltas.float().view(k, c + 1, 4)[:, 1:].reshape(-1, 4)
         boxes = BOX_CODER.decode_single(d, rois[:, 1:].repeat_interleave(c, 0)).view(k, c, 4) / scale
-        h, w = image.shape[:2]
+        h, w = hw
         boxes = torch.stack([boxes[..., 0].clamp(0, w - 1), boxes[..., 1].clamp(0, h - 1),
                              boxes[..., 2].clamp(0, w - 1), boxes[..., 3].clamp(0, h - 1)], -1)
     labels = torch.arange(1, c + 1, device=probs.device).expand(k, c)
@@ -219,18 +226,34 @@ def detect(model: FastRCNN, image: np.ndarray, proposals: np.ndarray, *, scale_p
     return boxes[keep].cpu().numpy(), scores[keep].cpu().numpy(), labels[keep].cpu().numpy().astype(np.int64)
 
 
-def detect_all(model: FastRCNN, db: RoiDB, *, device: torch.device | str = "cpu", progress: bool = True,
-               **kw) -> tuple[dict[int, list[np.ndarray]], float]:
+class _TestImages(torch.utils.data.Dataset):
+    """Image i -> (resized normalised image, scale, original (h, w)): decoded in loader workers."""
+
+    def __init__(self, db: RoiDB, scale_px: int, max_size_px: int):
+        self.db, self.scale_px, self.max_size_px = db, scale_px, max_size_px
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+    def __getitem__(self, i: int):
+        image = self.db.image(i)
+        x, scale = prepare_image(image, self.scale_px, self.max_size_px)
+        return x, scale, image.shape[:2]
+
+
+def detect_all(model: FastRCNN, db: RoiDB, *, scale_px: int, max_size_px: int, device: torch.device | str = "cpu",
+               loader_workers: int = 2, progress: bool = True, **kw) -> tuple[dict[int, list[np.ndarray]], float]:
     """Every image of `db` -> (detections[c] for c in 1..C: per image (K, 5) x1, y1, x2, y2, score;
-    seconds spent, image decoding included). `kw`: detect's settings."""
+    seconds spent, image decoding included). Images are decoded and resized by `loader_workers`
+    processes while the model runs. `kw`: detect_prepared's settings."""
     model.eval()
     dets = {c: [] for c in range(1, model.num_classes)}
+    images = torch.utils.data.DataLoader(_TestImages(db, scale_px, max_size_px), batch_size=None,
+                                         num_workers=loader_workers, pin_memory=torch.device(device).type == "cuda")
     t0 = time.perf_counter()
-    for i in tqdm(range(len(db)), desc="test", unit="img", disable=not progress, mininterval=5):
-        boxes, scores, labels = detect(model, db.image(i), db.boxes(i), device=device, **kw)
+    for i, (x, scale, hw) in enumerate(tqdm(images, desc="test", unit="img", disable=not progress, mininterval=5)):
+        boxes, scores, labels = detect_prepared(model, x, float(scale), tuple(hw), db.boxes(i), device=device, **kw)
         for c in dets:
             m = labels == c
             dets[c].append(np.concatenate([boxes[m], scores[m, None]], 1).astype(np.float32))
-    if torch.cuda.is_available() and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
     return dets, time.perf_counter() - t0

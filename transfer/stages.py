@@ -162,7 +162,7 @@ def test_stage(cfg: TransferConfig, run: RunDir, *, device, init: str, ckpt: str
     def work():
         db = read_roidb(run.path / "data" / "test.npz")
         model = load_detector(run.path / "detector.safetensors", device)
-        dets, forward_s = detect_all(model, db, device=device, **settings)
+        dets, forward_s = detect_all(model, db, device=device, loader_workers=cfg.train.loader_workers, **settings)
         t0 = time.perf_counter()
         result = evaluate_detections(dets, _ground_truth(db), VOC_CLASSES)
         eval_s = time.perf_counter() - t0
