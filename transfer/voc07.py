@@ -66,13 +66,32 @@ def resolve_voc(cfg: TransferConfig) -> Path:
     return find_year_dir(voc)
 
 
-def _trainer(cfg: TransferConfig):
-    if cfg.train.num_workers == 1 and not cfg.train.use_gpu:
-        return functools.partial(local_trainer, train_detector)  # this process; CUDA when it sees a GPU
-    from shards.cluster import ray_train
+def _ray_map(cfg: TransferConfig):
+    """shards.cluster.ray_map, connecting to Ray on first use: cached proposals need no cluster."""
 
-    return functools.partial(ray_train, train_detector, num_workers=cfg.train.num_workers,
-                             use_gpu=cfg.train.use_gpu, cpus_per_worker=max(1, cfg.train.loader_workers))
+    def map_fn(*args, **kw):
+        from shards.cluster import connect, ray_map
+
+        log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
+        return ray_map(*args, **kw)
+
+    return map_fn
+
+
+def _trainer(cfg: TransferConfig):
+    """trainer(config, name=, storage_path=): this process (CUDA when it sees a GPU), or Ray Train DDP."""
+    t = cfg.train
+    if t.num_workers == 1 and not t.use_gpu:
+        return functools.partial(local_trainer, train_detector)
+
+    def trainer(config: dict, **kw):
+        from shards.cluster import connect, ray_train
+
+        log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
+        return ray_train(train_detector, config, num_workers=t.num_workers, use_gpu=t.use_gpu,
+                         cpus_per_worker=max(1, t.loader_workers), **kw)
+
+    return trainer
 
 
 def run(cfg: TransferConfig, run_dir: Path, *, init: str, ckpt: str, force: list[str]) -> dict:
@@ -84,14 +103,11 @@ def run(cfg: TransferConfig, run_dir: Path, *, init: str, ckpt: str, force: list
     run = RunDir(run_dir)
     run.lock()
     atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
-    from shards.cluster import connect, ray_map
-
-    log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
     tracker = Tracker(run.path, run_id=run.run_id, run_name=run.path.name, config={**to_dict(cfg), "init": init,
                       "ckpt": ckpt}, wandb_mode=cfg.tracking.wandb, project=cfg.tracking.project,
                       entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s)
     try:
-        result = stages.data_stage(cfg, run, year_dir, ray_map, force="data" in force)
+        result = stages.data_stage(cfg, run, year_dir, _ray_map(cfg), force="data" in force)
         summary = json.loads((run.path / "data" / "summary.json").read_text())
         tracker.log({"stage": "data", "skipped": result.skipped,
                      **{f"data/{r}/{k}": v for r, s in summary.items() for k, v in s.items() if k != "split"}})

@@ -1,0 +1,78 @@
+"""Fine-tuning and testing: exact resume, frozen conv1, boxes back in image pixels, DDP on Ray Train."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.models.weights import load_weights
+from pretrain.train.session import LocalSession
+from tests.transfer.test_data import _scene
+from transfer.data import read_roidb, write_roidb
+from transfer.engine import DetectorSpec, detect, detect_all, load_detector, train_detector
+
+
+@pytest.fixture
+def roidb(tmp_path):
+    anns = [_scene(tmp_path, f"im{i}", rect=(20 + 7 * i, 30, 100 + 7 * i, 90)) for i in range(4)]
+    rng = np.random.default_rng(0)
+    props = {}
+    for a in anns:
+        xy = rng.uniform(0, 120, (80, 2))
+        wh = rng.uniform(20, 80, (80, 2))
+        props[a.image_id] = np.concatenate([a.boxes + rng.normal(0, 3, (1, 4)), np.hstack([xy, xy + wh])]).astype(
+            np.float32)
+    return write_roidb(tmp_path / "db.npz", anns, props)
+
+
+def _spec(tmp_path, roidb, **kw) -> dict:
+    base = dict(roidb=str(roidb), out_dir=str(tmp_path / "out"), init="random", width=0.25, fc_dim=32, iterations=4,
+                checkpoint_every=2, log_every=1, scale_px=128, max_size_px=200, loader_workers=0, progress=False)
+    return DetectorSpec(**{**base, **kw}).__dict__
+
+
+def test_a_resumed_run_ends_with_the_straight_runs_weights(tmp_path, roidb):
+    straight = LocalSession(tmp_path / "straight", keep=5)
+    train_detector(_spec(tmp_path, roidb), straight)
+    final, _ = load_weights(straight.latest_checkpoint() / "model.safetensors")
+    # a run killed after its step-2 checkpoint: relaunched on that checkpoint alone
+    shutil.copytree(straight.checkpoints()[0], tmp_path / "resumed" / straight.checkpoints()[0].name)
+    resumed = LocalSession(tmp_path / "resumed", keep=5)
+    train_detector(_spec(tmp_path, roidb), resumed)
+    again, _ = load_weights(resumed.latest_checkpoint() / "model.safetensors")
+    assert set(again) == set(final)
+    for k in final:
+        torch.testing.assert_close(again[k], final[k], rtol=0, atol=0, msg=k)
+    first, _ = load_weights(straight.checkpoints()[0] / "model.safetensors")
+    assert torch.equal(first["conv1.weight"], final["conv1.weight"])  # frozen, as Fast R-CNN's conv1
+    assert not torch.equal(first["conv2.weight"], final["conv2.weight"])
+
+
+def test_detections_come_back_in_the_original_images_pixels(tmp_path, roidb):
+    session = LocalSession(tmp_path / "ckpt")
+    train_detector(_spec(tmp_path, roidb, iterations=2), session)
+    model = load_detector(session.latest_checkpoint() / "model.safetensors")
+    db = read_roidb(roidb)
+    boxes, scores, labels = detect(model, db.image(0), db.boxes(0), scale_px=300, max_size_px=500, score_thresh=0.0)
+    assert len(boxes) == 100 and (np.diff(scores) <= 0).all() and labels.min() >= 1
+    # without box regression every detection is one of the proposals, at the image's own scale
+    assert all((np.abs(db.boxes(0) - b).max(1) < 1e-4).any() for b in boxes)
+    dets, seconds = detect_all(model, db, scale_px=300, max_size_px=500, score_thresh=0.0, loader_workers=0,
+                               progress=False)
+    assert len(dets) == 20 and all(len(v) == len(db) for v in dets.values()) and seconds > 0
+    got = np.concatenate([dets[c][0] for c in dets])
+    np.testing.assert_allclose(np.sort(got[:, 4])[::-1], scores, rtol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_ddp_workers_on_ray_train(tmp_path, roidb):
+    from shards.cluster import connect, ray_train
+
+    connect(num_cpus=2)
+    final = ray_train(train_detector, _spec(tmp_path, roidb, box_regression=True), name="det",
+                      storage_path=tmp_path / "ray", num_workers=2, use_gpu=False)
+    tensors, meta = load_weights(final / "model.safetensors")
+    assert meta["step"] == 4 and meta["detector"]["box_regression"]
+    steps = [line for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4  # rank 0 alone writes the log
