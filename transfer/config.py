@@ -40,6 +40,7 @@ class DataSection:
     max_images: int = 0  # first N images of each split (0 = all): quick runs
     generated_trainval: int = 200
     generated_test: int = 100
+    generated_seed: int = 0  # the set's own seed: runs with other run.seed values score on the same images
 
     def __post_init__(self):
         _check(self.max_images >= 0, "data.max_images", ">= 0", self.max_images)

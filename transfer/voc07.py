@@ -62,7 +62,7 @@ def resolve_voc(cfg: TransferConfig) -> Path:
     voc = cfg.data.voc
     if voc == GENERATED:
         voc = make_voc(Path(cfg.run.root) / "voc-generated", trainval=cfg.data.generated_trainval,
-                       test=cfg.data.generated_test, seed=cfg.run.seed)
+                       test=cfg.data.generated_test, seed=cfg.data.generated_seed)
     return find_year_dir(voc)
 
 
