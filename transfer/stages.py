@@ -21,7 +21,7 @@ import numpy as np
 
 from pretrain.config import config_hash, to_dict
 from pretrain.rundir import RunDir, StageResult
-from pretrain.train.stage import fresh_storage
+from pretrain.train.session import fresh_storage
 from shards.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from transfer.config import TransferConfig
 from transfer.data import RoiDB, read_roidb, write_roidb

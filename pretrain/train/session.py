@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from shards.fsutil import atomic_write_text
+
 import torch
 import torch.distributed as dist
 
@@ -74,3 +76,12 @@ def local_trainer(fn, config: dict, *, name: str, storage_path: str | Path) -> P
     if latest is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     return latest
+
+
+def fresh_storage(path: Path, key: str) -> None:
+    """Empties `path` unless it holds checkpoints of the run with this key."""
+    stamp = path / "spec.key"
+    if not (stamp.is_file() and stamp.read_text() == key):
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        atomic_write_text(stamp, key)

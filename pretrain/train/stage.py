@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +30,7 @@ from pretrain.rundir import RunDir, StageResult
 from pretrain.train.data import write_member_pixels
 from pretrain.train.export import export_final, write_codes
 from pretrain.train.loop import TrainSpec
+from pretrain.train.session import fresh_storage
 from shards.fsutil import atomic_write_bytes, atomic_write_npz, atomic_write_text, sha256_file
 from shards.shardset import SHARDS_JSON
 from shards.store import PatchStore
@@ -59,15 +59,6 @@ def ensure_member_pixels(shards_root: Path, clusters: Path, out: Path) -> Path:
     write_member_pixels(shards_root, np.load(clusters, allow_pickle=False)["member_index"], out)
     atomic_write_text(stamp, key)
     return out
-
-
-def fresh_storage(path: Path, key: str) -> None:
-    """Empties `path` unless it holds checkpoints of the run with this key."""
-    stamp = path / "spec.key"
-    if not (stamp.is_file() and stamp.read_text() == key):
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-        atomic_write_text(stamp, key)
 
 
 def _fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: str, out: Path) -> Path:

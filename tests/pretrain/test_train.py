@@ -20,7 +20,8 @@ from pretrain.train.data import ClusterBatches, batch_loader, other_member, samp
 from pretrain.train.export import export_final, hash_scores, load_hasher, write_codes
 from pretrain.train.loop import TrainSpec, build_net, train_worker
 from pretrain.train.session import LocalSession, local_trainer
-from pretrain.train.stage import fresh_storage, itq_init, round_steps
+from pretrain.train.session import fresh_storage
+from pretrain.train.stage import itq_init, round_steps
 from shards.cluster import serial_map
 from shards.fsutil import sha256_file
 from shards.store import PatchStore
