@@ -32,12 +32,13 @@ def _spec(tmp_path, roidb, **kw) -> dict:
 
 
 def test_a_resumed_run_ends_with_the_straight_runs_weights(tmp_path, roidb):
-    straight = LocalSession(tmp_path / "straight", keep=5)
+    cpu = torch.device("cpu")  # bit-exact on CPU; CUDA's RoI pooling backward adds atomically, in any order
+    straight = LocalSession(tmp_path / "straight", keep=5, device=cpu)
     train_detector(_spec(tmp_path, roidb), straight)
     final, _ = load_weights(straight.latest_checkpoint() / "model.safetensors")
     # a run killed after its step-2 checkpoint: relaunched on that checkpoint alone
     shutil.copytree(straight.checkpoints()[0], tmp_path / "resumed" / straight.checkpoints()[0].name)
-    resumed = LocalSession(tmp_path / "resumed", keep=5)
+    resumed = LocalSession(tmp_path / "resumed", keep=5, device=cpu)
     train_detector(_spec(tmp_path, roidb), resumed)
     again, _ = load_weights(resumed.latest_checkpoint() / "model.safetensors")
     assert set(again) == set(final)
