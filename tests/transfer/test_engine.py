@@ -77,3 +77,15 @@ def test_two_ddp_workers_on_ray_train(tmp_path, roidb):
     assert meta["step"] == 4 and meta["detector"]["box_regression"]
     steps = [line for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4  # rank 0 alone writes the log
+
+
+def test_box_regression_trains_and_decodes_inside_the_image(tmp_path, roidb):
+    session = LocalSession(tmp_path / "ckpt", device=torch.device("cpu"))
+    metrics = train_detector(_spec(tmp_path, roidb, iterations=2, box_regression=True), session)
+    assert np.isfinite(metrics["loss_box"]) and metrics["loss"] > metrics["loss_cls"]
+    model = load_detector(session.latest_checkpoint() / "model.safetensors")
+    db = read_roidb(roidb)
+    h, w = db.sizes[0]
+    boxes, scores, labels = detect(model, db.image(0), db.boxes(0), scale_px=300, max_size_px=500, score_thresh=0.0)
+    assert len(boxes) == 100
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w - 1).all() and (boxes[:, 3] <= h - 1).all()
