@@ -121,6 +121,8 @@ def train_stage(cfg: TransferConfig, run: RunDir, trainer: Callable, *, init: st
     def work():
         storage = run.path / "train" / "ckpt"
         fresh_storage(storage, config_hash({"spec": config, "inputs": inputs}))
+        if not any(storage.rglob("model.safetensors")):  # a new run, not a resumed one: start its log afresh
+            (run.path / "train" / "metrics.jsonl").unlink(missing_ok=True)
         final = trainer(dataclasses.asdict(spec), name="detector", storage_path=storage)
         out = atomic_write_bytes(run.path / "detector.safetensors", (Path(final) / "model.safetensors").read_bytes())
         return {str(out): None}

@@ -39,6 +39,10 @@ def test_a_short_run_writes_results_and_reruns_nothing(tmp_path, tiny_voc, capsy
     stamp = (run / "results.json").stat().st_mtime_ns
     assert voc07.main(args) == 0
     assert (run / "results.json").stat().st_mtime_ns == stamp
+    # another schedule in the same directory: a new training run, with a log of its own
+    assert voc07.main([*args, "--set", "train.iterations=4"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4] and json.loads((run / "results.json").read_text())["iterations"] == 4
 
 
 def test_bad_inputs_fail_in_one_line_before_anything_is_written(tmp_path, tiny_voc, capsys):
