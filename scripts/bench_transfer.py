@@ -45,7 +45,9 @@ def parse_args():
     p.add_argument("--max-size-px", type=int, default=400)
     p.add_argument("--iterations", type=int, default=30)
     p.add_argument("--max-boxes", type=int, default=1000)
-    p.add_argument("--loader-workers", type=int, default=2, help="image decoding processes (training and test)")
+    p.add_argument("--loader-workers", type=int, default=None,
+                   help="image decoding processes for training and test (default: 4 on a GPU, 0 on CPUs, where "
+                   "they take cores from the model)")
     p.add_argument("--voc", default="", help="an existing VOC devkit instead of a generated one")
     p.add_argument("--proposals", default="", help="boxes from this .npz (transfer/proposals.py's format) instead "
                    "of selective search: no proposal figures (for machines without OpenCV contrib or Ray)")
@@ -116,6 +118,8 @@ def main() -> None:
         write_roidb(tmp / "train.npz", train_anns, props)
         write_roidb(tmp / "test.npz", test_anns, props)
         device = default_device()
+        if args.loader_workers is None:
+            args.loader_workers = 4 if device.type == "cuda" else 0
         spec = DetectorSpec(roidb=str(tmp / "train.npz"), out_dir=str(tmp / "train"), init="random",
                             width=args.width, fc_dim=args.fc_dim, iterations=args.iterations, lr=0.001,
                             scale_px=args.scale_px, max_size_px=args.max_size_px, loader_workers=args.loader_workers,
