@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
-from pretrain.models.weights import load_weights, save_weights
-from pretrain.train.session import Session
+from pretrain.models.weights import load_weights
+from pretrain.train.session import Session, read_checkpoint, write_checkpoint
 from transfer.data import BatchOrder, RoiDB, TrainImages, collate, prepare_image, read_roidb, usable_images
 from transfer.model import FastRCNN, build_detector
 
@@ -120,21 +119,16 @@ def detection_loss(model, batch: dict, device: torch.device) -> tuple[torch.Tens
 
 
 def _save(model: FastRCNN, opt, spec: DetectorSpec, it: int) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix="discoattr-det-"))
-    save_weights(tmp / "model.safetensors", model.state_dict(),
-                 {"detector": detector_meta(model), "step": it, "spec": dataclasses.asdict(spec)})
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": it}))
-    return tmp
+    return write_checkpoint(model.state_dict(), {"detector": detector_meta(model), "spec": dataclasses.asdict(spec)},
+                            opt, it)
 
 
 def _resume(model: FastRCNN, opt, ckpt: Path | None) -> int:
     if ckpt is None:
         return 0
-    tensors, _ = load_weights(ckpt / "model.safetensors")
+    tensors, step = read_checkpoint(ckpt, opt)
     model.load_state_dict(tensors, strict=True)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return int(json.loads((ckpt / "step.json").read_text())["step"])
+    return step
 
 
 def _loader(db: RoiDB, spec: DetectorSpec, session: Session, start: int):

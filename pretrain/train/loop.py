@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from pretrain.models.alexnet import ClusterHead, HashHead, build_trunk
-from pretrain.models.weights import load_weights, save_weights, split_prefix, trunk_state
+from pretrain.models.weights import load_weights, split_prefix, trunk_state
 from pretrain.train.augment import augment
 from pretrain.train.data import ClusterBatches, batch_loader
 from pretrain.train.losses import hash_objective
-from pretrain.train.session import Session
+from pretrain.train.session import Session, read_checkpoint, write_checkpoint
 
 
 @dataclass(frozen=True)
@@ -172,21 +171,16 @@ def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator) -> tu
 
 
 def _save_checkpoint(net: Net, opt, spec: TrainSpec, step: int) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix="discoattr-ckpt-"))
-    save_weights(tmp / "model.safetensors", state_tensors(net), {"model": model_meta(spec), "mode": spec.mode,
-                                                                "step": step, "spec": dataclasses.asdict(spec)})
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    return tmp
+    meta = {"model": model_meta(spec), "mode": spec.mode, "spec": dataclasses.asdict(spec)}
+    return write_checkpoint(state_tensors(net), meta, opt, step)
 
 
 def _resume(net: Net, opt, ckpt: Path | None) -> int:
     if ckpt is None:
         return 0
-    tensors, _ = load_weights(ckpt / "model.safetensors")
+    tensors, step = read_checkpoint(ckpt, opt)
     load_state(net, tensors)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return int(json.loads((ckpt / "step.json").read_text())["step"])
+    return step
 
 
 def _scalars(info: dict) -> dict:

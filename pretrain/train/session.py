@@ -7,12 +7,14 @@ temporary directory and every rank calls `report` the same number of times (Ray 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Protocol
 
+from pretrain.models.weights import load_weights, save_weights
 from shards.fsutil import atomic_write_text
 
 import torch
@@ -85,3 +87,21 @@ def fresh_storage(path: Path, key: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         atomic_write_text(stamp, key)
+
+
+def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer,
+                     step: int) -> Path:
+    """A checkpoint directory in a fresh temporary folder (the caller reports, then removes it):
+    model.safetensors (tensors + meta), optimizer.pt, step.json."""
+    tmp = Path(tempfile.mkdtemp(prefix="discoattr-ckpt-"))
+    save_weights(tmp / "model.safetensors", tensors, {**meta, "step": step})
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    return tmp
+
+
+def read_checkpoint(ckpt: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], int]:
+    """Restores `optimizer` from a checkpoint directory -> (its model tensors, its step)."""
+    tensors, _ = load_weights(ckpt / "model.safetensors")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    return tensors, int(json.loads((ckpt / "step.json").read_text())["step"])
