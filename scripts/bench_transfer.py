@@ -74,7 +74,7 @@ def bench_test(model, db, device, args) -> dict:
     kw.update(device=device, loader_workers=args.loader_workers, progress=False)
     detect_all(model, db, **kw)  # warm-up (allocator, kernels)
     dets, forward_s = detect_all(model, db, **kw)
-    gts = [type("GT", (), {"boxes": b, "labels": lab, "difficult": d}) for b, lab, d in map(db.gt, range(len(db)))]
+    gts = db.ground_truth()
     t0 = time.perf_counter()
     evaluate_detections(dets, gts, VOC_CLASSES)
     eval_s = time.perf_counter() - t0

@@ -29,6 +29,15 @@ from transfer.proposals import flip_boxes, scale_boxes
 
 
 @dataclass(frozen=True, eq=False)
+class GroundTruth:
+    """One image's objects, as transfer.voc_eval reads them."""
+
+    boxes: np.ndarray  # (G, 4) float32
+    labels: np.ndarray  # (G,) int64
+    difficult: np.ndarray  # (G,) bool
+
+
+@dataclass(frozen=True, eq=False)
 class RoiDB:
     """One split, flat: image i's ground truth is rows gt_offsets[i]:gt_offsets[i+1] of the gt_*
     arrays, its proposals rows prop_offsets[i]:prop_offsets[i+1] of `proposals`."""
@@ -49,6 +58,9 @@ class RoiDB:
     def gt(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s = slice(self.gt_offsets[i], self.gt_offsets[i + 1])
         return self.gt_boxes[s], self.gt_labels[s], self.gt_difficult[s]
+
+    def ground_truth(self) -> list[GroundTruth]:
+        return [GroundTruth(*self.gt(i)) for i in range(len(self))]
 
     def boxes(self, i: int) -> np.ndarray:
         return self.proposals[self.prop_offsets[i]:self.prop_offsets[i + 1]]

@@ -130,17 +130,6 @@ def train_stage(cfg: TransferConfig, run: RunDir, trainer: Callable, *, init: st
     return run.run_stage("train", work, config=config, inputs=inputs, force=force)
 
 
-@dataclasses.dataclass(frozen=True)
-class _GroundTruth:  # what transfer.voc_eval reads of an annotation
-    boxes: np.ndarray
-    labels: np.ndarray
-    difficult: np.ndarray
-
-
-def _ground_truth(db: RoiDB) -> list[_GroundTruth]:
-    return [_GroundTruth(*db.gt(i)) for i in range(len(db))]
-
-
 def _figures(cfg: TransferConfig, run: RunDir, model, db: RoiDB, result: dict, device, settings: dict) -> list[Path]:
     figs = run.path / "figures"
     out = [pr_curves(result["curves"], result["ap"], figs / "pr_curves.png")]
@@ -166,7 +155,7 @@ def test_stage(cfg: TransferConfig, run: RunDir, *, device, init: str, ckpt: str
         model = load_detector(run.path / "detector.safetensors", device)
         dets, forward_s = detect_all(model, db, device=device, loader_workers=cfg.train.loader_workers, **settings)
         t0 = time.perf_counter()
-        result = evaluate_detections(dets, _ground_truth(db), VOC_CLASSES)
+        result = evaluate_detections(dets, db.ground_truth(), VOC_CLASSES)
         eval_s = time.perf_counter() - t0
         timing = {"test_images": len(db), "test_forward_s": round(forward_s, 3),
                   "test_images_per_s": round(len(db) / max(forward_s, 1e-9), 2), "eval_s": round(eval_s, 4),
