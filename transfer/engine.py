@@ -14,8 +14,6 @@ image's pixels.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,8 @@ from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
 from pretrain.models.weights import load_weights
-from pretrain.train.session import Session, read_checkpoint, write_checkpoint
+from pretrain.train.session import (Session, log_metrics, read_checkpoint, report_checkpoint, step_seed,
+                                    write_checkpoint)
 from transfer.data import BatchOrder, RoiDB, TrainImages, collate, prepare_image, read_roidb, usable_images
 from transfer.model import FastRCNN, build_detector
 
@@ -159,7 +158,7 @@ def train_detector(config: dict, session: Session) -> dict:
     metrics, t0, images = {"step": start}, time.perf_counter(), 0
     net.train()
     for it, batch in enumerate(_loader(read_roidb(spec.roidb), spec, session, start), start):
-        torch.manual_seed(int(np.random.SeedSequence([spec.seed, session.rank, it, 7]).generate_state(1)[0]))
+        torch.manual_seed(step_seed(spec.seed, session.rank, it, 7))  # dropout masks, as the killed run drew them
         for g in opt.param_groups:
             g["lr"] = lr_at(spec, it) * g["lr_mult"]
         loss, info = detection_loss(net, batch, device)
@@ -173,15 +172,9 @@ def train_detector(config: dict, session: Session) -> dict:
             rate = images * session.world_size / (time.perf_counter() - t0)
             metrics = {"step": it + 1, "lr": lr_at(spec, it), "images_per_s": rate,
                        **{k: float(v) for k, v in info.items()}}
-            if session.rank == 0:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
+            log_metrics(log, metrics, session.rank)
         if (it + 1) % spec.checkpoint_every == 0 or last:
-            ckpt = _save(model, opt, spec, it + 1) if session.rank == 0 else None
-            session.report({**metrics, "step": it + 1}, ckpt)
-            if ckpt is not None:
-                shutil.rmtree(ckpt, ignore_errors=True)
+            report_checkpoint(session, metrics, it + 1, lambda: _save(model, opt, spec, it + 1))
     bar.close()
     return metrics
 

@@ -18,8 +18,6 @@ drawn.
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,8 @@ from pretrain.models.weights import load_weights, split_prefix, trunk_state
 from pretrain.train.augment import augment
 from pretrain.train.data import ClusterBatches, batch_loader
 from pretrain.train.losses import hash_objective
-from pretrain.train.session import Session, read_checkpoint, write_checkpoint
+from pretrain.train.session import (Session, log_metrics, read_checkpoint, report_checkpoint, step_seed,
+                                    write_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -187,10 +186,6 @@ def _scalars(info: dict) -> dict:
     return {k: float(v) for k, v in info.items() if torch.is_tensor(v) and v.numel() == 1 or isinstance(v, float)}
 
 
-def _step_seed(seed: int, rank: int, step: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
-
-
 def train_worker(config: dict, session: Session) -> dict:
     """Runs (or resumes) one training run in this process -> the last metrics."""
     spec = TrainSpec(**config)
@@ -213,8 +208,8 @@ def train_worker(config: dict, session: Session) -> dict:
     for batch in loader:
         step = batch["step"]
         # per-step seeds: a resumed run draws the augmentations and dropout masks the killed one would have
-        gen.manual_seed(_step_seed(spec.seed, session.rank, step, 0))
-        torch.manual_seed(_step_seed(spec.seed, session.rank, step, 1))
+        gen.manual_seed(step_seed(spec.seed, session.rank, step, 0))
+        torch.manual_seed(step_seed(spec.seed, session.rank, step, 1))
         for g in opt.param_groups:
             g["lr"] = lr_at(spec, step) * g["lr_scale"]
         loss, info = _loss(model, spec, batch, device, gen)
@@ -227,14 +222,8 @@ def train_worker(config: dict, session: Session) -> dict:
         if (step + 1) % spec.log_every == 0 or last:
             rate = seen * session.world_size / (time.perf_counter() - t0)
             metrics = {"step": step + 1, "lr": lr_at(spec, step), "samples_per_s": rate, **_scalars(info)}
-            if session.rank == 0:
-                log.parent.mkdir(parents=True, exist_ok=True)
-                with open(log, "a") as fh:
-                    fh.write(json.dumps({"mode": spec.mode, **metrics}) + "\n")
+            log_metrics(log, {"mode": spec.mode, **metrics}, session.rank)
         if (step + 1) % spec.checkpoint_every == 0 or last:
-            ckpt = _save_checkpoint(net, opt, spec, step + 1) if session.rank == 0 else None
-            session.report({**metrics, "step": step + 1}, ckpt)
-            if ckpt is not None:
-                shutil.rmtree(ckpt, ignore_errors=True)
+            report_checkpoint(session, metrics, step + 1, lambda: _save_checkpoint(net, opt, spec, step + 1))
     bar.close()
     return metrics
