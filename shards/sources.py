@@ -10,6 +10,7 @@ Kinds:
   folder    a flat folder of images
   tar       a tar archive of images
   voc       a VOC devkit (`VOCdevkit`, `VOCdevkit/VOC2007` or `.../JPEGImages`)
+  vocboxes  a VOC devkit's object boxes as labelled patches, plus background (shards/voc_boxes.py)
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
-KINDS = ("auto", "demo", "digits", "imagenet", "folder", "tar", "voc")
+KINDS = ("auto", "demo", "digits", "imagenet", "folder", "tar", "voc", "vocboxes")
 
 # Natural photos that load from the installed packages without any download.
 DEMO_SKIMAGE = (
@@ -48,6 +49,8 @@ class Item:
     label: int = -1
     offset: int = -1  # byte offset of the member's data inside a tar
     size: int = -1
+    # fixed patches instead of random ones: (x0, y0, x1, y1, label) squares in image pixels
+    boxes: tuple[tuple[int, int, int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,18 @@ def _list_voc(source: str):
     return [Item(key=f"voc/{p.stem}", uri=f"file:{p}") for p in files], []
 
 
+def _list_vocboxes(source: str):
+    from shards.voc_boxes import list_boxes
+
+    images = _voc_images_dir(Path(source))
+    if images is None or not (images.parent / "Annotations").is_dir():
+        raise SourceError(f"no JPEGImages and Annotations folders under {source}")
+    listed, classes = list_boxes(images.parent)
+    items = [Item(key=f"voc/{image_id}", uri=f"file:{path}", boxes=boxes) for image_id, path, boxes in listed
+             if boxes]
+    return items, classes
+
+
 def _list_tar(source: str):
     items = []
     try:
@@ -156,7 +171,7 @@ def _list_tar(source: str):
 
 _LISTERS = {
     "demo": _list_demo, "digits": _list_digits, "imagenet": _list_imagenet,
-    "folder": _list_folder, "voc": _list_voc, "tar": _list_tar,
+    "folder": _list_folder, "voc": _list_voc, "tar": _list_tar, "vocboxes": _list_vocboxes,
 }
 
 
@@ -171,7 +186,7 @@ def source_fingerprint(listing: Listing) -> str:
         h.update(f"{skimage.__version__}/{sklearn.__version__}".encode())
     paths = {it.uri.partition(":")[2] for it in listing.items if it.uri.startswith(("file:", "tar:"))}
     for it in listing.items:
-        h.update(f"{it.key}|{it.label}|{it.offset}|{it.size}\n".encode())
+        h.update(f"{it.key}|{it.label}|{it.offset}|{it.size}{f'|{it.boxes}' if it.boxes else ''}\n".encode())
     for p in sorted(paths):
         st = os.stat(p)
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())

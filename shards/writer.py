@@ -27,7 +27,7 @@ import simplejpeg
 import webdataset as wds
 from PIL import Image
 
-from shards.patches import image_patches
+from shards.patches import crop_patches, image_patches
 from shards.sources import Item, load_image
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,18 @@ def iter_image_patches(items: Iterable[Item], params: PatchParams, skipped: list
             log.warning("skipping unreadable image %s: %s", item.key, exc)
             skipped.append(item.key)
             continue
-        boxes, patches = image_patches(
-            image, item.key, n=params.patches_per_image, patch_px=params.patch_px,
-            scale_range=params.scale_range, seed=params.seed,
-        )
-        for box, patch in zip(boxes, patches):
-            yield item.key, box.tolist(), item.label, patch
+        if item.boxes:  # fixed, labelled boxes (e.g. a VOC devkit's objects)
+            boxes = np.array([b[:4] for b in item.boxes], np.int32)
+            labels = [b[4] for b in item.boxes]
+            patches = crop_patches(image, boxes, params.patch_px)
+        else:
+            boxes, patches = image_patches(
+                image, item.key, n=params.patches_per_image, patch_px=params.patch_px,
+                scale_range=params.scale_range, seed=params.seed,
+            )
+            labels = [item.label] * len(boxes)
+        for box, label, patch in zip(boxes, labels, patches):
+            yield item.key, box.tolist(), label, patch
 
 
 def _records(patch_iter: Iterator[tuple], params: PatchParams) -> Iterator[tuple[dict, int]]:
