@@ -109,9 +109,26 @@ class ClusterConfig:
     svm_tol: float = 1e-4
     cache_size: int = 100000  # hard-negative cache per block of clusters
     mining_rounds: int = 3
-    merge_threshold: float = 0.4  # the paper's firing-overlap threshold
+    merge_threshold: float = 0.4  # the paper's firing-overlap threshold (SVMs between the clusters in D)
     merge_top: int = 20  # firings per cluster compared when merging
+    # Coverage (pretrain/cluster/cover.py): after merging, the final SVMs fire on every patch and a patch
+    # joins its best cluster when it ranks within that cluster's top cover_top_n patches (0: its fair
+    # share, patches / clusters), or scores above cover_min_score (1 = past the SVM's positive margin).
+    # false keeps only the loop's top-m members (about 15% of digits; the paper's members).
+    cover: bool = True
+    cover_top_n: int = 0
+    cover_min_score: float = 1.0
+    # Later rounds of the cluster <-> CNN alternation start from the previous round's clusters (SVMs
+    # retrained on the new features) on a fresh D/N split; false: from k-means on the same split
+    refine: bool = True
+    reseed_split: bool = True
+    # discover (the paper's discriminative clustering) | kmeans (the k-means+CNN ablation: k-means on
+    # each round's features, each cluster cut to the share kmeans_coverage nearest its centroid)
+    method: str = "discover"
+    kmeans_clusters: int = 100
+    kmeans_coverage: float = 1.0
     block_clusters: int = 2000  # clusters per Ray task
+    cover_rows: int = 65536  # patches per coverage task
     kmeans_iters: int = 20
     kmeans_init: str = "kmeans++"  # kmeans++ | afkmc2 (cheaper at 30k clusters) | random
     gpus_per_task: float = 0.0  # > 0: SVM and k-means tasks ask Ray for GPUs
@@ -122,7 +139,7 @@ class ClusterConfig:
         _check(0 < self.natural_fraction < 1, "cluster.natural_fraction", "in (0, 1)", self.natural_fraction)
         for key in ("init_divisor", "max_clusters", "min_init_members", "rounds", "top_m", "min_members",
                     "cache_size", "mining_rounds", "merge_top", "block_clusters", "kmeans_iters",
-                    "montage_clusters", "montage_members"):
+                    "montage_clusters", "montage_members", "kmeans_clusters", "cover_rows"):
             _check(getattr(self, key) >= 1, f"cluster.{key}", ">= 1", getattr(self, key))
         _check(self.min_members <= self.top_m, "cluster.min_members", "<= cluster.top_m", self.min_members)
         _check(0 <= self.min_discriminative < 1, "cluster.min_discriminative", "in [0, 1)", self.min_discriminative)
@@ -131,6 +148,9 @@ class ClusterConfig:
         _check(self.kmeans_init in ("kmeans++", "afkmc2", "random"), "cluster.kmeans_init",
                "kmeans++ | afkmc2 | random", self.kmeans_init)
         _check(self.gpus_per_task >= 0, "cluster.gpus_per_task", ">= 0", self.gpus_per_task)
+        _check(self.cover_top_n >= 0, "cluster.cover_top_n", ">= 0", self.cover_top_n)
+        _check(self.method in ("discover", "kmeans"), "cluster.method", "discover | kmeans", self.method)
+        _check(0 < self.kmeans_coverage <= 1, "cluster.kmeans_coverage", "in (0, 1]", self.kmeans_coverage)
 
 
 @dataclass(frozen=True)
@@ -143,8 +163,14 @@ class TrainConfig:
     width: float = 1.0  # channel multiplier; 1 = AlexNet widths
     dropout: float = 0.5
     rounds: int = 3  # clustering + training rounds (the paper: converges within 3)
+    # scratch: every round starts from a random trunk, so a round's features depend on its clusters only;
+    # previous: round r > 0 continues from round r-1's trunk. On digits continuing lost 3-5 points of
+    # PCA+ITQ mAP a round (README): the trunk keeps learning to split the previous clusters.
+    round_init: str = "scratch"
     views_per_member: int = 20  # the paper's 20 augmented views: an epoch is views * members samples
-    epochs: float = 3.0  # per round (the paper: ~200k iterations of 256 over its rounds)
+    # per round. One pass over the views: on digits fc7 got worse with more (PCA+ITQ mAP 0.88 after half
+    # a pass, 0.87 after one, 0.85 after two, 0.76 after four; README)
+    epochs: float = 1.0
     max_steps_per_round: int = 0  # > 0 caps a round's steps (tests, demos)
     batch_size_per_worker: int = 64
     lr: float = 0.01
@@ -152,6 +178,12 @@ class TrainConfig:
     weight_decay: float = 5e-4
     aug_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
     aug_color: float = 0.3  # brightness/contrast/saturation jitter
+    aug_flip: bool = True  # horizontal flips (off where a mirrored patch is another shape, e.g. digits)
+    # round r > 0: clusters whose mean fc7 features under round r-1's trunk have at least this cosine are
+    # near-duplicates, left out of each other's softmax (pretrain/train/similar.py); 0: off. 0.4 was
+    # chosen on digits by looking at its labels (94% of the pairs above it are one digit), then kept
+    # unchanged for the second labelled set (configs/vocboxes.yaml)
+    skip_similar: float = 0.4
     feature_layer: str = "fc7"  # the next round's features
     feature_fit_patches: int = 2000  # their whitening is fit on this many patches
     num_workers: int = 1  # Ray Train workers (DDP)
@@ -164,6 +196,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self.arch in ("alexnet96", "alexnet32"), "train.arch", "alexnet96 | alexnet32", self.arch)
+        _check(self.round_init in ("previous", "scratch"), "train.round_init", "previous | scratch", self.round_init)
+        _check(0 <= self.skip_similar <= 1, "train.skip_similar", "in [0, 1]", self.skip_similar)
         _check(self.width > 0, "train.width", "> 0", self.width)
         _check(0 <= self.dropout < 1, "train.dropout", "in [0, 1)", self.dropout)
         for key in ("rounds", "views_per_member", "batch_size_per_worker", "feature_fit_patches", "num_workers",
@@ -190,9 +224,18 @@ class HashConfig:
     beta: float = 1.0  # decorrelation term
     gamma: float = 5e-4  # weight term
     printed_eq2: bool = False  # the printed signs and W W^T (to measure the difference)
+    margin: float = 0.5  # rho = margin * K (the paper: K / 2)
+    # hardest: the in-batch negative that most violates the triplet order (the paper); semihard: the
+    # nearest one farther than the positive (FaceNet), the hardest where there is none
+    negatives: str = "hardest"
+    # > 0: clusters whose mean features have at least this cosine are not each other's negatives
+    # (near-duplicates of one concept that merging left apart; pretrain/train/similar.py). As
+    # train.skip_similar: chosen on digits by looking at its labels, kept for the second set
+    skip_similar: float = 0.4
+    freeze_bn: bool = True  # trunk in eval mode (BatchNorm running statistics, no dropout) while tuned
     init: str = "itq"  # itq (PCA+ITQ on the trunk's features, the paper's [37] stand-in) | random
     views_per_member: int = 20
-    epochs: float = 3.0
+    epochs: float = 1.0  # one pass over the views, as train.epochs (digits: measured only at 1)
     max_steps: int = 0  # > 0 caps the steps
     batch_size_per_worker: int = 64
     lr: float = 0.001
@@ -204,6 +247,9 @@ class HashConfig:
         for k in (self.code_bits, *self.extra_bits):
             _check(k >= 8 and k % 8 == 0, "hash.code_bits/extra_bits", "multiples of 8 (packed codes)", k)
         _check(self.init in ("itq", "random"), "hash.init", "itq | random", self.init)
+        _check(self.margin >= 0, "hash.margin", ">= 0", self.margin)
+        _check(self.negatives in ("hardest", "semihard"), "hash.negatives", "hardest | semihard", self.negatives)
+        _check(0 <= self.skip_similar <= 1, "hash.skip_similar", "in [0, 1]", self.skip_similar)
         _check(min(self.alpha, self.beta, self.gamma) >= 0, "hash.alpha/beta/gamma", ">= 0",
                (self.alpha, self.beta, self.gamma))
         for key in ("views_per_member", "batch_size_per_worker"):
@@ -228,9 +274,11 @@ class EvalConfig:
     baseline_input: str = "pixels"  # pixels (gray, flattened) | features (the round-0 init features)
     figure_bits: int = 5  # rows of the attribute figure (paper Fig. 4)
     figure_queries: int = 4  # queries in the retrieval grid (paper Fig. 7)
+    round_bits: int = 32  # each round's report: PCA+ITQ at this many bits on the round's fc7 ...
+    round_patches: int = 20000  # ... of a seeded sample of at most this many labelled patches
 
     def __post_init__(self):
-        for key in ("queries_per_class", "repeats", "figure_bits", "figure_queries"):
+        for key in ("queries_per_class", "repeats", "figure_bits", "figure_queries", "round_bits", "round_patches"):
             _check(getattr(self, key) >= 1, f"eval.{key}", ">= 1", getattr(self, key))
         _check(len(self.precision_at) >= 1 and min(self.precision_at) >= 1, "eval.precision_at",
                "a list of N >= 1", self.precision_at)

@@ -1,13 +1,19 @@
 """The discovery loop (Singh et al. 2012, with the paper's merging, sec. 3.1), resumable and blockwise.
 
     D, N  = random halves of the patches (discovery set, natural world), each halved again
-    init  : k-means on D1, |D1| / init_divisor clusters; clusters with < min_init_members dropped
+    init  : k-means on D1, |D1| / init_divisor clusters; or, in a later round of the cluster <-> CNN
+            alternation, the previous round's clusters (their members in D1); clusters with
+            < min_init_members dropped
     round : SVMs of the members (in D_t) vs N_t -> fire on the other half D_v -> each cluster's
             top_m firings above -1 are its new members; clusters with < min_members such firings
             are pruned (cross-validation); with min_discriminative > 0, also clusters whose top
             firings on D_v + N_v are not mostly in D (Singh et al.'s discriminativeness); swap halves
-    merge : the last SVMs fire on all of D, clusters with overlapping firings are merged
-    final : SVMs of the merged clusters vs all of N; clusters ranked by their members' held-out scores
+    merge : SVMs between the clusters in D fire on D; clusters with overlapping firings are merged
+            (pretrain/cluster/merge.py)
+    final : SVMs of the merged clusters vs all of N
+    cover : the final SVMs fire on every patch; a patch joins its best cluster when it is within
+            that cluster's top cover_top_n (default patches / clusters) or scores above cover_min_score
+            (pretrain/cluster/cover.py); clusters ranked by their best members' scores
 
 All SVM work runs in blocks of clusters through `mapper` (Ray tasks in the driver, in-process in
 tests); a task gets paths and index lists, reads the features memmap itself and returns small arrays.
@@ -24,8 +30,9 @@ from typing import Callable
 
 import numpy as np
 
+from pretrain.cluster.cover import assign, cover_chunk, merge_chunks
 from pretrain.cluster.kmeans import kmeans
-from pretrain.cluster.merge import greedy_merge
+from pretrain.cluster.merge import merge_clusters
 from pretrain.cluster.svm import fire, train_svms
 from shards.fsutil import atomic_write_json, atomic_write_npz
 
@@ -56,7 +63,11 @@ class DiscoveryParams:
     mining_rounds: int = 3
     merge_threshold: float = 0.4  # the paper's overlap threshold
     merge_top: int = 20  # firings per cluster compared when merging
+    cover: bool = False  # coverage: a patch joins its best cluster within that cluster's top n ...
+    cover_top_n: int = 0  # ... (0: patches / clusters, each cluster's fair share) ...
+    cover_min_score: float = 1.0  # ... or when it scores above this
     block_clusters: int = 2000  # clusters per task
+    cover_rows: int = 65536  # patches per coverage task
     kmeans_iters: int = 20
     kmeans_init: str = "kmeans++"
     device: str = "auto"
@@ -69,7 +80,7 @@ class Clusters:
 
     member_index: np.ndarray  # (M,) int64
     offsets: np.ndarray  # (C + 1,) int64
-    member_score: np.ndarray  # (M,) float32: SVM score when the member was found on a held-out half
+    member_score: np.ndarray  # (M,) float32: SVM score when the member was found (held-out half, or coverage)
     weights: np.ndarray | None = None  # (C, d) float32
     bias: np.ndarray | None = None  # (C,) float32
 
@@ -125,15 +136,20 @@ def kmeans_task(features: str, split: str, k: int, niter: int, init: str, seed: 
 
 def block_task(spec: dict) -> dict:
     """One block of clusters: train SVMs (if `members`) and/or fire them (if `fire`).
-    spec: features, split (paths), members (flat, offsets) or weights/bias, negatives (split keys),
-    svm (train_svms arguments), fire: {name: (split keys, top_k)} -> name_index, name_score (C, k)."""
+    spec: features, split (paths), members (flat, offsets) or weights/bias, negatives (split keys, or
+    "members": the rows in `negative_rows`, each cluster's own members left out), svm (train_svms
+    arguments), fire: {name: (split keys, top_k)} -> name_index, name_score (C, k)."""
     feats = np.load(spec["features"], mmap_mode="r")
     sets = np.load(spec["split"])
     out: dict = {}
     if "members" in spec:
         flat, offsets = spec["members"]
-        negatives = np.concatenate([sets[key] for key in spec["negatives"]])
-        res = train_svms(feats, np.split(flat, offsets[1:-1]), negatives, **spec["svm"])
+        members = np.split(flat, offsets[1:-1])
+        if spec["negatives"] == "members":  # SVMs between clusters: the others' members are the negatives
+            negatives, exclude = spec["negative_rows"], [np.unique(m) for m in members]
+        else:
+            negatives, exclude = np.concatenate([sets[key] for key in spec["negatives"]]), None
+        res = train_svms(feats, members, negatives, exclude=exclude, **spec["svm"])
         out.update(weights=res.weights, bias=res.bias, stats=res.stats)
     else:
         out.update(weights=spec["weights"], bias=spec["bias"], stats={})
@@ -144,12 +160,23 @@ def block_task(spec: dict) -> dict:
     return out
 
 
+def cover_task(features: str, rows: np.ndarray, weights: np.ndarray, bias: np.ndarray, top_n: int,
+               device: str) -> dict:
+    """Coverage scores of the patches `rows` (sorted) against every cluster (pretrain/cluster/cover.py)."""
+    return cover_chunk(np.load(features, mmap_mode="r"), rows, weights, bias, top_n, device=device)
+
+
 class Discovery:
-    """Runs the loop for one features file; `run()` returns the final ranked Clusters."""
+    """Runs the loop for one features file; `run()` returns the final ranked Clusters.
+
+    `start`: member rows per cluster of the previous round (the alternation's refinement) instead of
+    a k-means start."""
 
     def __init__(self, features: Path, work_dir: Path, params: DiscoveryParams, mapper: Callable, key: str,
-                 natural_rows: np.ndarray | None = None):
+                 natural_rows: np.ndarray | None = None, start: list[np.ndarray] | None = None):
         self.features, self.work, self.p, self.mapper = Path(features), Path(work_dir), params, mapper
+        self.start = start
+        self.separate_natural = natural_rows is not None
         self.n = np.load(self.features, mmap_mode="r").shape[0]
         stamp = self.work / "key.json"
         if self.work.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
@@ -171,6 +198,8 @@ class Discovery:
     def _blocks(self, clusters: Clusters, **spec) -> dict:
         """Runs block_task over blocks of clusters; concatenates weights, bias, firings."""
         desc = spec.pop("desc")
+        if spec.get("negatives") == "members":
+            spec["negative_rows"] = np.unique(clusters.member_index)
         specs = []
         for lo in range(0, len(clusters), self.p.block_clusters):
             hi = min(lo + self.p.block_clusters, len(clusters))
@@ -195,6 +224,10 @@ class Discovery:
 
     def _init(self) -> Clusters:
         d1 = self.sets["D1"]
+        if self.start is not None:  # refine the previous round's clusters: their members in D1
+            members = [np.intersect1d(m, d1) for m in self.start]
+            members = [m for m in members if len(m) >= self.p.min_init_members]
+            return Clusters.from_lists(members, [np.zeros(len(m), np.float32) for m in members])
         k = min(self.p.max_clusters, len(d1) // self.p.init_divisor)
         if k < 1:
             raise ClusteringError(f"clustering: {len(d1)} patches in D1 give no k-means cluster at "
@@ -230,27 +263,42 @@ class Discovery:
         return in_d / np.maximum(in_d + in_n, 1e-12)
 
     def _merge_and_finish(self, clusters: Clusters) -> Clusters:
-        fired = self._blocks(clusters, fire={"d": (["D1", "D2"], self.p.merge_top)}, desc="merge: firing on D")
-        groups = greedy_merge(fired["d_index"], fired["d_score"], self.p.merge_threshold)
-        members, scores = clusters.members(), clusters.scores()
-        merged_m, merged_s = [], []
-        for g in groups:
-            idx, sc = np.concatenate([members[c] for c in g]), np.concatenate([scores[c] for c in g])
-            order = np.argsort(-sc, kind="stable")  # best first: a patch in several parts keeps its best
-            uniq, first = np.unique(idx[order], return_index=True)
-            best_first = np.argsort(first)
-            merged_m.append(uniq[best_first])
-            merged_s.append(sc[order][first][best_first])
-        merged = Clusters.from_lists(merged_m, merged_s)
-        final = self._blocks(merged, negatives=["N1", "N2"], desc="final svms")
-        rank = np.argsort([-np.mean(s[: self.p.top_m]) for s in merged_s], kind="stable")
-        self.history.append({"step": "merge", "clusters_before": len(clusters), "clusters": len(merged),
+        def between_svms(members: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            c = Clusters.from_lists(members, [np.zeros(len(m), np.float32) for m in members])
+            fired = self._blocks(c, negatives="members", fire={"d": (["D1", "D2"], self.p.merge_top)},
+                                 desc="merge: svms between clusters")
+            return fired["d_index"], fired["d_score"]
+
+        merged_m, merged_s, groups = merge_clusters(clusters.members(), clusters.scores(), between_svms,
+                                                    threshold=self.p.merge_threshold)
+        final = self._blocks(Clusters.from_lists(merged_m, merged_s), negatives=["N1", "N2"], desc="final svms")
+        self.history.append({"step": "merge", "clusters_before": len(clusters), "clusters": len(merged_m),
                              "svm": final["stats"]})
-        return Clusters.from_lists([merged_m[c] for c in rank], [merged_s[c] for c in rank],
-                                   weights=final["weights"][rank], bias=final["bias"][rank])
+        return Clusters.from_lists(merged_m, merged_s, weights=final["weights"], bias=final["bias"])
+
+    def _cover(self, clusters: Clusters) -> Clusters:
+        """The final SVMs fire on the patches; coverage (pretrain/cluster/cover.py), then ranking. With N a
+        random half of the data every patch may join; a separate natural world never does (it is the
+        rest of the world a concept is told apart from, not data to learn it from)."""
+        p = self.p
+        rows = np.arange(self.n) if not self.separate_natural else np.concatenate([self.sets["D1"], self.sets["D2"]])
+        rows = np.sort(rows)
+        top_n = p.cover_top_n or max(1, round(len(rows) / len(clusters)))
+        spans = [rows[lo : lo + p.cover_rows] for lo in range(0, len(rows), p.cover_rows)]
+        parts = self.mapper(cover_task, [(str(self.features), span, clusters.weights, clusters.bias, top_n, p.device)
+                                         for span in spans], desc="coverage")
+        fired = merge_chunks(parts, top_n)
+        if p.cover:
+            members, scores = assign(rows, fired, top_n=top_n, min_score=p.cover_min_score)
+        else:
+            members, scores = clusters.members(), clusters.scores()
+        keep = [c for c in range(len(clusters)) if len(members[c]) >= p.min_members]
+        rank = sorted(keep, key=lambda c: (-float(np.mean(scores[c][: p.top_m])), c))
+        return Clusters.from_lists([members[c] for c in rank], [scores[c] for c in rank],
+                                   weights=clusters.weights[rank], bias=clusters.bias[rank])
 
     def run(self) -> Clusters:
-        last = self.p.rounds + 1  # steps: 0 init, 1..rounds, rounds+1 merged and final
+        last = self.p.rounds + 2  # steps: 0 init, 1..rounds, rounds+1 merged and final, rounds+2 covered
         done = [s for s in range(last + 1) if self.step_path(s).is_file()]
         step = max(done) if done else -1
         if step >= 0:
@@ -261,8 +309,10 @@ class Discovery:
                 clusters = self._init()
             elif s <= self.p.rounds:
                 clusters = self._round(clusters, s - 1)
-            else:
+            elif s == self.p.rounds + 1:
                 clusters = self._merge_and_finish(clusters)
+            else:
+                clusters = self._cover(clusters)
             if len(clusters) == 0:
                 knobs = ("cluster.min_init_members or cluster.init_divisor" if s == 0 else "cluster.min_members"
                          + (" or cluster.min_discriminative" if self.p.min_discriminative > 0 else ""))
@@ -270,6 +320,7 @@ class Discovery:
                                       "run more patches")
             sizes = np.diff(clusters.offsets)
             self.history.append({"step": s, "clusters": len(clusters), "mean_members": float(sizes.mean()),
+                                 "coverage": len(np.unique(clusters.member_index)) / self.n,
                                  **({"svm": self._svm_stats} if 1 <= s <= self.p.rounds else {})})
             clusters.save(self.step_path(s), meta=self.history)
             log.info("clustering step %d/%d: %d clusters, %.1f members each", s, last, len(clusters), sizes.mean())

@@ -48,3 +48,24 @@ def drop_empty(centroids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, n
     used = np.bincount(labels, minlength=len(centroids)) > 0
     renumber = np.cumsum(used) - 1
     return np.ascontiguousarray(centroids[used], np.float32), renumber[labels].astype(np.int64)
+
+
+def nearest_members(x: np.ndarray, k: int, coverage: float = 1.0, *, seed: int = 0, niter: int = 20,
+                    init: str = "kmeans++") -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, np.ndarray]:
+    """k-means clusters as the discovery's cluster lists (the k-means+CNN ablation, paper Table 5), cut
+    to `coverage`: each cluster keeps the share `coverage` of its points nearest its centroid.
+
+    x: (n, d) float -> members (rows, nearest first), scores (their x.c - |c|^2 / 2), and the linear
+    scorer of nearest-centroid assignment, weights (k', d) = centroids, bias (k',) = -|c|^2 / 2
+    (argmax_c w_c.x + b_c = argmin_c |x - c|), so these clusters fit where SVM clusters go."""
+    x = np.ascontiguousarray(x, np.float32)
+    centroids, labels = kmeans(x, k, niter=niter, seed=seed, init=init)
+    bias = -0.5 * (centroids * centroids).sum(1)
+    score = (x * centroids[labels]).sum(1) + bias[labels]  # (n,): the own centroid's score
+    members, scores = [], []
+    for c in range(len(centroids)):
+        rows = np.flatnonzero(labels == c)
+        rows = rows[np.argsort(-score[rows], kind="stable")][: max(1, int(round(coverage * len(rows))))]
+        members.append(rows)
+        scores.append(score[rows].astype(np.float32))
+    return members, scores, centroids, bias.astype(np.float32)

@@ -15,6 +15,11 @@ their scores for all clusters are one (q, C) matrix; each member row belongs to 
 Hard-negative mining (`train_svms`) keeps a cache of negatives shared by all clusters. Negatives
 outside the cache that score below -1 for every cluster add nothing to any objective, so when a scan
 of all of N finds no violator outside the cache, the result is the SVM over all of N.
+
+`exclude` leaves some negatives out of some clusters' problems: merging trains SVMs between the
+clusters (paper sec. 3.1), where the negatives are the other clusters' members, so each cluster's own
+members are shared negatives it must not see. Excluded (negative, cluster) pairs get a score far
+below -1: no hinge, no gradient, no Hessian term, exactly as if the row were absent for that cluster.
 """
 from __future__ import annotations
 
@@ -39,13 +44,17 @@ def rows(feats, index: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1)], 1).to(device)
 
 
+FAR = -1e4  # the score of an excluded (negative, cluster) pair: well past the margin at -1
+
+
 class _Problem:
     """Objective, gradient and Hessian-vector products of all clusters' SVMs.
 
-    pos: (p, D) member rows, pos_cluster: (p,) their clusters, neg: (q, D) shared negatives."""
+    pos: (p, D) member rows, pos_cluster: (p,) their clusters, neg: (q, D) shared negatives,
+    excl: None or (rows (e,), clusters (e,)) int64 pairs of negatives a cluster does not see."""
 
-    def __init__(self, pos, pos_cluster, neg, n_clusters: int, c: float):
-        self.pos, self.pc, self.neg, self.k, self.c = pos, pos_cluster, neg, n_clusters, c
+    def __init__(self, pos, pos_cluster, neg, n_clusters: int, c: float, excl=None):
+        self.pos, self.pc, self.neg, self.k, self.c, self.excl = pos, pos_cluster, neg, n_clusters, c, excl
 
     def subset(self, clusters: torch.Tensor) -> "_Problem":
         """The problem of some clusters only (their members re-indexed), sharing the negatives."""
@@ -54,14 +63,21 @@ class _Problem:
         rows = keep[self.pc]
         renumber = torch.full((self.k,), -1, dtype=torch.int64, device=self.pc.device)
         renumber[clusters] = torch.arange(len(clusters), device=self.pc.device)
-        return _Problem(self.pos[rows], renumber[self.pc[rows]], self.neg, len(clusters), self.c)
+        excl = None
+        if self.excl is not None:
+            kept = keep[self.excl[1]]
+            excl = (self.excl[0][kept], renumber[self.excl[1][kept]])
+        return _Problem(self.pos[rows], renumber[self.pc[rows]], self.neg, len(clusters), self.c, excl)
 
     def _per_cluster(self, values: torch.Tensor) -> torch.Tensor:  # (p,) -> (C,) sums
         return torch.zeros(self.k, dtype=values.dtype, device=values.device).index_add_(0, self.pc, values)
 
     def margins(self, w):
-        """(q, C) negative scores and (p,) member scores."""
-        return self.neg @ w.T, (self.pos * w[self.pc]).sum(1)
+        """(q, C) negative scores (FAR where excluded) and (p,) member scores."""
+        zn = self.neg @ w.T
+        if self.excl is not None:
+            zn[self.excl] = FAR
+        return zn, (self.pos * w[self.pc]).sum(1)
 
     def loss(self, w, zn, zp):
         hn, hp = (1 + zn).clamp(min=0), (1 - zp).clamp(min=0)
@@ -102,13 +118,15 @@ def _cg(prob: _Problem, g, active_neg, active_pos, max_iter: int, eta: float = 0
 
 
 def fit_svms(pos, pos_cluster, neg, n_clusters: int, *, c: float = 0.1, tol: float = 1e-4,
-             max_newton: int = 50, max_cg: int = 50, w0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+             max_newton: int = 50, max_cg: int = 50, w0: torch.Tensor | None = None,
+             excl: tuple | None = None) -> tuple[torch.Tensor, dict]:
     """Trains all clusters' SVMs. pos: (p, D) float32 member rows (last column 1), pos_cluster: (p,)
-    int64, neg: (q, D) shared negatives. Returns w: (C, D) float32 and stats (newton steps, converged).
+    int64, neg: (q, D) shared negatives, excl: (rows, clusters) pairs a cluster does not see.
+    Returns w: (C, D) float32 and stats (newton steps, converged).
 
     A cluster stops when its gradient norm is below `tol` times its norm at w = 0 (liblinear's rule);
     later Newton steps work on the clusters still going only, so their GEMMs shrink."""
-    prob = _Problem(pos, pos_cluster, neg, n_clusters, c)
+    prob = _Problem(pos, pos_cluster, neg, n_clusters, c, excl)
     w = torch.zeros(n_clusters, pos.shape[1], device=pos.device) if w0 is None else w0.clone()
     g0 = prob.grad(torch.zeros_like(w), *prob.margins(torch.zeros_like(w))).norm(dim=1)
     live = torch.arange(n_clusters, device=w.device)
@@ -157,45 +175,66 @@ class SvmResult:
 
 def train_svms(feats, members: list[np.ndarray], negatives: np.ndarray, *, c: float = 0.1,
                cache_size: int = 20000, mining_rounds: int = 5, tol: float = 1e-4, chunk: int = 65536,
-               device: str = "auto", seed: int = 0) -> SvmResult:
+               device: str = "auto", seed: int = 0, exclude: list[np.ndarray] | None = None) -> SvmResult:
     """One SVM per cluster: members (global row indices into feats) vs the negatives, with
-    hard-negative mining over a shared cache. feats: (n, d) array-like (a float16 memmap is fine)."""
+    hard-negative mining over a shared cache. feats: (n, d) array-like (a float16 memmap is fine).
+    exclude: per cluster, global rows left out of its negatives (e.g. its own members)."""
     dev = pick_device(device)
     k = len(members)
     if k == 0:
         return SvmResult(np.zeros((0, feats.shape[1]), np.float32), np.zeros(0, np.float32), {"clusters": 0})
     pos = rows(feats, np.concatenate(members), dev)
     pc = torch.from_numpy(np.repeat(np.arange(k), [len(m) for m in members])).to(dev)
-    negatives = np.unique(np.asarray(negatives, np.int64))
+    negatives = np.unique(np.asarray(negatives, np.int64))  # sorted, as every cache below
     rng = np.random.default_rng(seed)
-    cache = negatives if len(negatives) <= cache_size else rng.choice(negatives, cache_size // 2, replace=False)
+    cache = negatives if len(negatives) <= cache_size else np.sort(rng.choice(negatives, cache_size // 2,
+                                                                               replace=False))
     w, stats, rounds, missed = None, {}, 0, 0
     for rounds in range(1, mining_rounds + 1):
-        w, stats = fit_svms(pos, pc, rows(feats, cache, dev), k, c=c, tol=tol, w0=w)
+        w, stats = fit_svms(pos, pc, rows(feats, cache, dev), k, c=c, tol=tol, w0=w,
+                            excl=_excluded(cache, exclude, dev))
         if len(cache) == len(negatives):
             break
         outside = np.setdiff1d(negatives, cache, assume_unique=True)
-        worst = _max_scores(feats, outside, w, dev, chunk)
+        worst = _max_scores(feats, outside, w, dev, chunk, exclude)
         missed = int((worst > -1).sum())  # violators outside the cache: 0 means exact
         if missed == 0 or rounds == mining_rounds:
             break
-        in_cache = _max_scores(feats, cache, w, dev, chunk)
+        in_cache = _max_scores(feats, cache, w, dev, chunk, exclude)
         keep = cache[in_cache > -1] if len(cache) + missed > cache_size else cache
         room = cache_size - len(keep)
         if room <= 0:  # every cached negative is a support vector: the cache is too small
             break
         hard = outside[np.argsort(-worst, kind="stable")[: min(room, missed)]]
-        cache = np.concatenate([keep, hard])
+        cache = np.sort(np.concatenate([keep, hard]))
     w = w.float().cpu().numpy()
     stats = stats | {"mining_rounds": rounds, "negatives_cached": int(len(cache)),
                      "negatives": int(len(negatives)), "violators_outside_cache": missed}
     return SvmResult(np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, -1]), stats)
 
 
-def _max_scores(feats, index: np.ndarray, w: torch.Tensor, dev, chunk: int) -> np.ndarray:
-    """(len(index),) each row's highest score over all clusters."""
-    out = [(rows(feats, index[i : i + chunk], dev) @ w.T).amax(1).cpu().numpy()
-           for i in range(0, len(index), chunk)]
+def _excluded(index: np.ndarray, exclude: list[np.ndarray] | None, dev) -> tuple | None:
+    """(positions in the sorted `index`, clusters) int64 tensors of the excluded pairs it holds."""
+    if exclude is None:
+        return None
+    cluster = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
+    flat = np.concatenate(exclude).astype(np.int64) if len(exclude) else np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(index, flat), max(len(index) - 1, 0))
+    hit = (index[at] == flat) if len(index) else np.zeros(len(flat), bool)
+    return torch.from_numpy(at[hit]).to(dev), torch.from_numpy(cluster[hit]).to(dev)
+
+
+def _max_scores(feats, index: np.ndarray, w: torch.Tensor, dev, chunk: int,
+                exclude: list[np.ndarray] | None = None) -> np.ndarray:
+    """(len(index),) each row's highest score over the clusters that see it (sorted `index`)."""
+    out = []
+    for i in range(0, len(index), chunk):
+        part = index[i : i + chunk]
+        s = rows(feats, part, dev) @ w.T  # (chunk, C)
+        excl = _excluded(part, exclude, dev)
+        if excl is not None:
+            s[excl] = FAR
+        out.append(s.amax(1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 

@@ -262,3 +262,73 @@ def test_natural_world_by_source_key(tmp_path, shard_dir):
     cluster_stage(cfg, run, shard_dir, serial_map)
     with np.load(run.path / "clusters" / "round0.npz", allow_pickle=False) as z:
         assert all(k.startswith("cat/") for k in z["member_key"])  # members come from D only
+
+
+def test_excluded_negatives_give_each_cluster_the_svm_without_them():
+    """SVMs between clusters: the negatives are every cluster's members, each cluster's own left out."""
+    x, members, neg = svm_problem(n_clusters=5, members=8, negatives=600, seed=3)
+    for c, m in enumerate(members):
+        x[m] += 3 * np.eye(x.shape[1])[c]  # each cluster off in its own direction: few support vectors
+    shared = np.r_[np.concatenate(members), neg]
+    ours = train_svms(x, members, shared, c=0.1, tol=1e-6, device="cpu", exclude=members)
+    for c, m in enumerate(members):
+        others = np.setdiff1d(shared, m)
+        rows = np.r_[m, others]
+        ref = LinearSVC(C=0.1, tol=1e-8, max_iter=100000, dual=False).fit(
+            x[rows], np.r_[np.ones(len(m)), -np.ones(len(others))])
+        w_ref = np.r_[ref.coef_[0], ref.intercept_]
+        assert np.linalg.norm(np.r_[ours.weights[c], ours.bias[c]] - w_ref) <= 1e-2 * np.linalg.norm(w_ref)
+    # the same with a mining cache smaller than the negatives
+    mined = train_svms(x, members, shared, c=0.1, tol=1e-6, device="cpu", exclude=members, cache_size=500,
+                       mining_rounds=20)
+    assert mined.stats["violators_outside_cache"] == 0 and mined.stats["negatives_cached"] < len(shared)
+    np.testing.assert_allclose(mined.weights, ours.weights, atol=1e-3)
+
+
+def test_coverage_joins_a_patch_to_its_best_cluster_within_its_top_n():
+    from pretrain.cluster.cover import assign, cover_chunk, merge_chunks
+
+    # 1-D scores: cluster 0 scores x, cluster 1 scores -x; 10 patches at x = -4.5 ... 4.5
+    x = np.linspace(-4.5, 4.5, 10, dtype=np.float32)[:, None]
+    w, b = np.array([[1.0], [-1.0]], np.float32), np.zeros(2, np.float32)
+    whole = cover_chunk(x, np.arange(10), w, b, top_n=3, device="cpu")
+    parts = merge_chunks([cover_chunk(x, np.arange(lo, min(lo + 4, 10)), w, b, top_n=3, device="cpu")
+                          for lo in range(0, 10, 4)], top_n=3)
+    for key in whole:
+        np.testing.assert_array_equal(parts[key], whole[key])
+    members, scores = assign(np.arange(10), whole, top_n=3, min_score=np.inf)
+    assert [m.tolist() for m in members] == [[9, 8, 7], [0, 1, 2]]  # best first
+    np.testing.assert_allclose(scores[0], [4.5, 3.5, 2.5])
+    members, _ = assign(np.arange(10), whole, top_n=3, min_score=1.0)  # or above the margin
+    assert [m.tolist() for m in members] == [[9, 8, 7, 6], [0, 1, 2, 3]]
+    wide = cover_chunk(x, np.arange(10), w, b, top_n=20, device="cpu")
+    members, _ = assign(np.arange(10), wide, top_n=20, min_score=np.inf)  # everyone, once each
+    assert sorted(np.concatenate(members).tolist()) == list(range(10))
+
+
+def test_nearest_members_cut_kmeans_clusters_to_the_coverage():
+    from pretrain.cluster.kmeans import nearest_members
+
+    x, y = blobs(4, 50, 6, seed=2)
+    members, scores, w, b = nearest_members(x, 4, coverage=0.4, seed=0)
+    assert sorted(len(m) for m in members) == [20, 20, 20, 20]
+    for m, s in zip(members, scores):
+        assert len(set(y[m])) == 1 and np.all(np.diff(s) <= 0)  # one blob each, nearest first
+    assign_ = np.argmax(x @ w.T + b, 1)  # the linear scorer is nearest-centroid assignment
+    nearest = np.argmin(((x[:, None] - w[None]) ** 2).sum(-1), 1)
+    assert np.array_equal(assign_, nearest)
+
+
+def test_a_refined_discovery_starts_from_the_given_clusters(tmp_path):
+    """A later round of the alternation: the discovery starts from the previous clusters, not k-means."""
+    x, labels = blobs(4, 100, 8, seed=6)
+    x = (x - x.mean(0)) / x.std(0)
+    path = save_features(tmp_path, x)
+    start = [np.flatnonzero(labels == b)[:40] for b in range(4)]
+    calls = []
+    params = DiscoveryParams(device="cpu", cover=True, cover_top_n=60, seed=11)
+    clusters = Discovery(path, tmp_path / "work", params, serial_map_log(calls), key="k", start=start).run()
+    assert "k-means" not in calls and calls[-1] == "coverage"
+    assert len(clusters) == 4
+    for m in clusters.members():
+        assert len(m) >= 50 and (labels[m] == np.bincount(labels[m]).argmax()).mean() == 1.0
