@@ -46,11 +46,16 @@ def pca_directions(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nd
     x = np.asarray(x, np.float64)
     mean = x.mean(0)
     xc = x - mean
-    var, vec = np.linalg.eigh(xc.T @ xc / max(len(x) - 1, 1))
-    order = np.argsort(var, kind="stable")[::-1][:k]
-    vec = vec[:, order]
+    if xc.shape[1] > xc.shape[0]:  # fewer points than dimensions (e.g. 96x96 pixels): the SVD of the data
+        _, sv, vt = np.linalg.svd(xc, full_matrices=False)  # costs n^2 d, the d x d covariance d^3
+        var, vec = sv[:k] ** 2 / max(len(x) - 1, 1), vt[:k].T
+        order = np.arange(vec.shape[1])
+    else:
+        var, vec = np.linalg.eigh(xc.T @ xc / max(len(x) - 1, 1))
+        order = np.argsort(var, kind="stable")[::-1][:k]
+    vec, var = vec[:, order], var[order]
     vec *= np.sign(vec[np.abs(vec).argmax(0), np.arange(vec.shape[1])])
-    return mean.astype(np.float32), vec.astype(np.float32), var[order]
+    return mean.astype(np.float32), vec.astype(np.float32), var
 
 
 def fit_lsh(x: np.ndarray, bits: int, seed: int = 0) -> Hasher:

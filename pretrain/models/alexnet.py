@@ -154,13 +154,16 @@ class HashHead(nn.Module):
     """The hashing layer of Eq. 1/3: h(x) = sign(W^T (f(x) - mean)), relaxed to 2 sigmoid(.) - 1.
 
     `weight` is the paper's W, (d, K). There is no bias because the features are zero-meaned (sec.
-    3.2); the mean is a buffer kept as an exponential running mean of the training batches, like
-    BatchNorm's, so the codes of a sample do not depend on the rest of its batch.
+    3.2); the mean is a buffer, so the codes of a sample do not depend on the rest of its batch. It
+    is set with `init_from` (the mean PCA+ITQ was fitted with) or, with `track_mean`, kept as an
+    exponential running mean of the training batches, like BatchNorm's; the hashing stage sets it
+    to the eval-mode mean of all patches before it writes the codes.
     """
 
     def __init__(self, feature_dim: int, bits: int, momentum: float = 0.01):
         super().__init__()
         self.momentum = momentum
+        self.track_mean = True
         self.weight = nn.Parameter(nn.init.orthogonal_(torch.empty(feature_dim, bits)))  # W^T W = I_K
         self.register_buffer("mean", torch.zeros(feature_dim))
         # 0 until the first training batch or init_from: the first batch mean replaces the zero start.
@@ -198,7 +201,7 @@ class HashHead(nn.Module):
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """(B, d) features -> (B, K) relaxed codes in (-1, 1) (Eq. 3); updates the mean in train mode."""
-        if self.training:
+        if self.training and (self.track_mean or self.num_updates == 0):
             self._update_mean(f)
         # tanh(s/2) == 2 sigmoid(s) - 1 exactly, and keeps the sign of tiny s that sigmoid rounds to 0.5.
         return torch.tanh(self.scores(f) / 2)

@@ -63,6 +63,37 @@ def scores_shard(shards_root: str, shard: int, model_path: str, model_sha256: st
     return np.concatenate(parts)
 
 
+@torch.no_grad()
+def feature_sum_shard(shards_root: str, shard: int, model_path: str, model_sha256: str) -> tuple[np.ndarray, int]:
+    """The per-shard task of `feature_mean`: (sum of the eval-mode fc7 features (d,) float64, count)."""
+    trunk, _ = _hasher(model_path, model_sha256)
+    device = next(trunk.parameters()).device
+    store = PatchStore(shards_root)
+    start, count = int(store.shards.starts[shard]), int(store.shards.counts[shard])
+    total = np.zeros(trunk.feature_dim, np.float64)
+    for s in range(0, count, READ_BATCH):
+        patches = store.get(np.arange(start + s, start + min(s + READ_BATCH, count)))
+        for b in range(0, len(patches), BATCH):
+            x = to_input(torch.from_numpy(np.ascontiguousarray(patches[b : b + BATCH])).to(device))
+            total += trunk(x).double().sum(0).cpu().numpy()
+    return total, count
+
+
+def set_feature_mean(shards_root: str | Path, model_path: str | Path, mapper: Callable) -> np.ndarray:
+    """Sets `hash.mean` of a hashing model file to the eval-mode mean of every patch's features (one
+    task per shard), the centre its codes are thresholded at (Eq. 1: zero-meaned features, no bias).
+    Rewrites the file atomically -> the mean (d,) float32."""
+    store = PatchStore(shards_root)
+    sha = sha256_file(model_path)
+    parts = mapper(feature_sum_shard, [(str(shards_root), i, str(model_path), sha)
+                                       for i in range(len(store.shards.names))], desc="feature mean")
+    mean = (sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)).astype(np.float32)
+    tensors, meta = load_weights(model_path)
+    tensors["hash.mean"] = torch.from_numpy(mean)
+    save_weights(model_path, tensors, meta)
+    return mean
+
+
 def write_codes(shards_root: str | Path, model_path: str | Path, out_dir: str | Path, mapper: Callable) -> list[Path]:
     """Scores and packed codes of every patch (one task per shard) -> [codes.npy, scores.npy]."""
     store = PatchStore(shards_root)

@@ -7,7 +7,10 @@ over clusters, each batch augmented on the device (crop/scale, flip, colour), so
 mode "hash" (paper sec. 3.2, Eq. 1-4): a trunk trained in mode "cluster" plus the hashing layer W,
 initialised from PCA+ITQ on the trunk's features (`hash_init`); anchors drawn uniformly over
 clusters, positives from the same cluster, the hardest negative from another cluster in the batch
-(pretrain/train/losses.py). Trunk and W are fine-tuned together.
+(pretrain/train/losses.py). Trunk and W are fine-tuned together. With `freeze_bn` the trunk runs in
+eval mode (BatchNorm's running statistics, no dropout) and W's feature mean stays the one PCA+ITQ
+was fitted with: the codes are computed in eval mode, and features of another mode (batch
+statistics of augmented cluster members) would centre and threshold them differently.
 
 DDP when the session's world size is > 1 (the process group exists already: Ray Train makes it with
 gloo on CPUs and NCCL on GPUs); bf16 autocast on GPUs when `amp`. Rank 0 writes a checkpoint every
@@ -34,6 +37,7 @@ from pretrain.models.weights import load_weights, split_prefix, trunk_state
 from pretrain.train.augment import augment
 from pretrain.train.data import ClusterBatches, batch_loader
 from pretrain.train.losses import hash_objective
+from pretrain.train.similar import SkipPairs
 from pretrain.train.session import (Session, log_metrics, read_checkpoint, report_checkpoint, step_seed,
                                     write_checkpoint)
 
@@ -59,12 +63,18 @@ class TrainSpec:
     weight_decay: float = 5e-4
     aug_scale: tuple = (0.5, 1.0)  # random-resized-crop area range
     aug_color: float = 0.3
+    aug_flip: bool = True
     bits: int = 32
     hash_init: str = ""  # npz with mean (d,) and proj (d, K): PCA+ITQ on the trunk's features
     alpha: float = 1.0
     beta: float = 1.0
     gamma: float = 5e-4
     printed_eq2: bool = False
+    margin: float = 0.5  # rho = margin * bits
+    negatives: str = "hardest"  # hardest | semihard
+    skip_pairs: str = ""  # npz with `pairs` (P, 2): cluster pairs that are not each other's negatives
+                          # (hash mode) or wrong answers (cluster mode: out of each other's softmax)
+    freeze_bn: bool = True  # hash mode: the trunk in eval mode
     checkpoint_every: int = 100
     log_every: int = 10
     loader_workers: int = 0
@@ -100,6 +110,8 @@ def build_net(spec: TrainSpec, num_clusters: int) -> Net:
     if spec.hash_init:
         with np.load(spec.hash_init, allow_pickle=False) as z:
             head.init_from(torch.from_numpy(z["mean"]), torch.from_numpy(z["proj"]))
+        # the eval-mode mean of all patches that PCA+ITQ was fitted with, not one of augmented members
+        head.track_mean = not spec.freeze_bn
     return Net(trunk, head)
 
 
@@ -144,17 +156,21 @@ def _unwrap(model: nn.Module) -> Net:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator,
+          skip: SkipPairs | None = None) -> tuple[torch.Tensor, dict]:
     """One batch's loss -> (scalar, logs). `net`: Net or DDP(Net); batch: see ClusterBatches."""
     aug = dict(generator=gen, out_px=_unwrap(net).trunk.input_px, scale=spec.aug_scale, brightness=spec.aug_color,
-               contrast=spec.aug_color, saturation=spec.aug_color)
+               contrast=spec.aug_color, saturation=spec.aug_color, flip=spec.aug_flip)
     x = augment(batch["image"].to(device, non_blocking=True), **aug)  # (B, 3, px, px)
     cluster = batch["cluster"].to(device)
     use_amp = spec.amp and device.type == "cuda"
     if spec.mode == "cluster":
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             _, logits = net(x)
-        loss = F.cross_entropy(logits.float(), cluster)
+        logits = logits.float()
+        if skip is not None:  # a near-duplicate of the sample's cluster is no wrong answer: out of the softmax
+            logits = logits.masked_fill(skip.mask(cluster, torch.arange(logits.shape[1], device=device)), -torch.inf)
+        loss = F.cross_entropy(logits, cluster)
         acc = (logits.argmax(1) == cluster).float().mean()
         return loss, {"loss": loss.detach(), "accuracy": acc}
     xp = augment(batch["positive"].to(device, non_blocking=True), **aug)
@@ -164,8 +180,10 @@ def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator) -> tu
     # Eq. 2's regularizers shape W on the (zero-meaned) features; the features are detached so the
     # variance term cannot be raised by inflating the trunk's activations instead of turning W
     centred = (f[:n].float() - head.mean).detach()
+    mask = skip.mask(cluster, torch.cat([cluster, cluster])) if skip is not None else None
     loss, info = hash_objective(b[:n].float(), b[n:].float(), cluster, head.weight, centred, alpha=spec.alpha,
-                                beta=spec.beta, gamma=spec.gamma, printed=spec.printed_eq2)
+                                beta=spec.beta, gamma=spec.gamma, printed=spec.printed_eq2,
+                                margin=spec.margin * spec.bits, mining=spec.negatives, skip=mask)
     return loss, {"loss": loss.detach(), **info}
 
 
@@ -200,11 +218,17 @@ def train_worker(config: dict, session: Session) -> dict:
                           seed=spec.seed, rank=session.rank, start_step=start, pairs=spec.mode == "hash")
     loader = batch_loader(data, spec.loader_workers, pin_memory=device.type == "cuda")
     gen = torch.Generator()
+    skip = None
+    if spec.skip_pairs:
+        with np.load(spec.skip_pairs, allow_pickle=False) as z:
+            skip = SkipPairs(z["pairs"], len(offsets) - 1, device)
     log = Path(spec.out_dir) / "metrics.jsonl"
     bar = tqdm(total=spec.steps, initial=start, desc=f"train {spec.mode}", unit="step",
                disable=session.rank != 0 or not spec.progress, mininterval=5)
     metrics, t0, seen = {"step": start}, time.perf_counter(), 0
     model.train()
+    if spec.mode == "hash" and spec.freeze_bn:
+        net.trunk.eval()  # BatchNorm's running statistics (the ones the codes use), no dropout
     for batch in loader:
         step = batch["step"]
         # per-step seeds: a resumed run draws the augmentations and dropout masks the killed one would have
@@ -212,7 +236,7 @@ def train_worker(config: dict, session: Session) -> dict:
         torch.manual_seed(step_seed(spec.seed, session.rank, step, 1))
         for g in opt.param_groups:
             g["lr"] = lr_at(spec, step) * g["lr_scale"]
-        loss, info = _loss(model, spec, batch, device, gen)
+        loss, info = _loss(model, spec, batch, device, gen, skip)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

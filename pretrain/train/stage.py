@@ -1,17 +1,14 @@
-"""Stages 3 and 4 as run-directory steps: config -> TrainSpec -> a trainer -> weights in the run.
+"""Stage 4 as a run-directory step, and what training runs of stages 3 and 4 share: config -> TrainSpec
+-> a trainer -> weights in the run. (Stage 3's rounds are run by pretrain/alternation.py.)
 
-    train/roundR/model.safetensors   trunk + cluster classifier trained on clusters/roundR.npz
-    train/roundR/members.npy         the members' pixels (M, P, P, 3) uint8 (training input)
-    train/roundR/ray/roundR/         the trainer's checkpoints (resume state)
-    features/roundR.npy              (R > 0) fc7 of train/round(R-1), whitened: the next clustering
     hash/kK/model.safetensors        trunk + hashing layer W for K bits; hash/kK/codes.npy, scores.npy
+    hash/<variant>/kK/               the same for a variant of the objective (e.g. the printed Eq. 2)
     final.safetensors, codes.npy     the K = hash.code_bits model and the packed codes of all patches
 
 `trainer(config, name=..., storage_path=...)` runs `train_worker` and returns the final checkpoint
 directory: `shards.cluster.ray_train` in the driver, `session.local_trainer` in tests. A rerun with
 the same name resumes from the newest checkpoint there; a changed spec or changed inputs (new clusters
-at the same path) start the directory afresh,
-so a stale checkpoint is never resumed into a different run.
+at the same path) start the directory afresh, so a stale checkpoint is never resumed into a different run.
 """
 from __future__ import annotations
 
@@ -25,12 +22,12 @@ import numpy as np
 from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.hashing_baselines import fit_itq
 from pretrain.features.cnn import cnn_features
-from pretrain.features.extract import extract_features
 from pretrain.rundir import RunDir, StageResult
 from pretrain.train.data import write_member_pixels
-from pretrain.train.export import export_final, write_codes
+from pretrain.train.export import export_final, set_feature_mean, write_codes
 from pretrain.train.loop import TrainSpec
 from pretrain.train.session import fresh_storage
+from pretrain.train.similar import similar_pairs
 from shards.fsutil import atomic_write_bytes, atomic_write_npz, atomic_write_text, sha256_file
 from shards.shardset import SHARDS_JSON
 from shards.store import PatchStore
@@ -61,7 +58,7 @@ def ensure_member_pixels(shards_root: Path, clusters: Path, out: Path) -> Path:
     return out
 
 
-def _fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: str, out: Path) -> Path:
+def fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: str, out: Path) -> Path:
     # the key holds the stage's input fingerprints too: new clusters at the same paths are another run
     same_run = {k: v for k, v in dataclasses.asdict(spec).items() if k not in RESUMABLE_CHANGES}
     fresh_storage(storage, config_hash({"spec": same_run, "inputs": inputs}))
@@ -70,54 +67,12 @@ def _fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: 
     return out
 
 
-def _spec_common(cfg: Config) -> dict:
+def spec_common(cfg: Config) -> dict:
+    """The TrainSpec fields every training run of a config shares."""
     t = cfg.train
     return dict(arch=t.arch, width=t.width, dropout=t.dropout, momentum=t.momentum, weight_decay=t.weight_decay,
-                aug_scale=t.aug_scale, aug_color=t.aug_color, checkpoint_every=t.checkpoint_every,
-                loader_workers=t.loader_workers, amp=t.amp, seed=cfg.run.seed)
-
-
-def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, trainer: Callable,
-                      force: bool = False) -> StageResult:
-    """Stage 3 for one round: the CNN trained with softmax over clusters/roundR.npz."""
-    inputs = {"clusters": run.outputs_fingerprint(f"cluster_round{round_}")}
-    if round_ > 0:
-        inputs["init"] = run.outputs_fingerprint(f"train_round{round_ - 1}")
-    config = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_HASHED} | {"seed": cfg.run.seed}
-    d = run.path / "train" / f"round{round_}"
-    clusters = run.path / "clusters" / f"round{round_}.npz"
-
-    def work():
-        pixels = ensure_member_pixels(shards_root, clusters, d / "members.npy")
-        t = cfg.train
-        steps = round_steps(len(np.load(pixels, mmap_mode="r")), t.views_per_member, t.epochs,
-                            t.batch_size_per_worker, t.num_workers, t.max_steps_per_round)
-        init = str(run.path / "train" / f"round{round_ - 1}" / "model.safetensors") if round_ > 0 else ""
-        spec = TrainSpec(mode="cluster", pixels_path=str(pixels), clusters_path=str(clusters), out_dir=str(d),
-                         init_from=init, steps=steps, batch_size_per_worker=t.batch_size_per_worker, lr=t.lr,
-                         **_spec_common(cfg))
-        out = _fit(trainer, spec, inputs, d / "ray", f"round{round_}", d / "model.safetensors")
-        return {str(out): None}
-
-    return run.run_stage(f"train_round{round_}", work, config=config, inputs=inputs, force=force)
-
-
-def cnn_features_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, mapper: Callable,
-                       force: bool = False) -> StageResult:
-    """features/roundR.npy for R > 0: train/round(R-1)'s features, whitened to features.out_dim."""
-    model = run.path / "train" / f"round{round_ - 1}" / "model.safetensors"
-    config = {"kind": "cnn", "layer": cfg.train.feature_layer, "out_dim": cfg.features.out_dim,
-              "fit_sample_patches": cfg.train.feature_fit_patches, "seed": cfg.run.seed}
-    inputs = {"model": run.outputs_fingerprint(f"train_round{round_ - 1}")}
-
-    def work():
-        res = extract_features(shards_root, run.path / "features", kind="cnn", mapper=mapper,
-                               fit_sample_patches=config["fit_sample_patches"], seed=cfg.run.seed, round_=round_,
-                               model_path=str(model), model_sha256=sha256_file(model), layer=config["layer"],
-                               out_dim=config["out_dim"])
-        return {res["features"]: None, res["encoder"]: None}
-
-    return run.run_stage(f"features_round{round_}", work, config=config, inputs=inputs, force=force)
+                aug_scale=t.aug_scale, aug_color=t.aug_color, aug_flip=t.aug_flip,
+                checkpoint_every=t.checkpoint_every, loader_workers=t.loader_workers, amp=t.amp, seed=cfg.run.seed)
 
 
 def itq_init(shards_root: Path, model: Path, bits: int, *, fit_patches: int, seed: int, out: Path) -> Path:
@@ -133,17 +88,44 @@ def itq_init(shards_root: Path, model: Path, bits: int, *, fit_patches: int, see
     return out
 
 
+def skip_pairs(pixels: Path, clusters: Path, model: Path, init: Path | None, threshold: float, *, seed: int,
+               out: Path, per_cluster: int = 64) -> Path:
+    """The near-duplicate cluster pairs (pretrain/train/similar.py): the cosine >= threshold of their mean
+    fc7 features under `model`, centred by W's starting mean (`init`, PCA+ITQ's npz) or else by the
+    sample's mean, over a seeded sample of at most `per_cluster` members of each cluster -> npz with
+    pairs (P, 2) int64 and cos (P,) float32."""
+    with np.load(clusters, allow_pickle=False) as z:
+        offsets = z["offsets"]
+    rng = np.random.default_rng(seed)
+    rows = np.concatenate([rng.permutation(np.arange(lo, hi))[:per_cluster] for lo, hi in zip(offsets[:-1], offsets[1:])])
+    rows = np.sort(rows)
+    cluster = np.searchsorted(offsets, rows, side="right") - 1
+    feats = cnn_features(np.load(pixels, mmap_mode="r")[rows], model_path=str(model), model_sha256=sha256_file(model),
+                         layer="fc7")
+    if init is not None and Path(init).is_file():
+        with np.load(init, allow_pickle=False) as z:
+            feats -= z["mean"]
+    else:
+        feats -= feats.mean(0)
+    pairs, cos = similar_pairs(feats, cluster, len(offsets) - 1, threshold)
+    atomic_write_npz(out, pairs=pairs, cos=cos)
+    return out
+
+
 def hash_stage(cfg: Config, run: RunDir, shards_root: Path, bits: int, trainer: Callable, mapper: Callable,
-               force: bool = False) -> StageResult:
-    """Stage 4 for K = `bits`: triplet hashing fine-tune of the last round's trunk, then the codes of
-    every patch. For K = hash.code_bits also final.safetensors and codes.npy in the run directory."""
+               force: bool = False, variant: str = "") -> StageResult:
+    """Stage 4 for K = `bits`: triplet hashing fine-tune of the last round's trunk, then W's feature mean
+    re-estimated in eval mode over all patches, then the codes of every patch. For K = hash.code_bits
+    also final.safetensors and codes.npy in the run directory (not for a `variant`, which names a
+    differently configured objective kept beside the main one: stage hash_<variant>_kK)."""
     last = cfg.train.rounds - 1
     inputs = {"clusters": run.outputs_fingerprint(f"cluster_round{last}"),
               "model": run.outputs_fingerprint(f"train_round{last}")}
     h = cfg.hash
     config = {k: v for k, v in to_dict(h).items() if k not in ("code_bits", "extra_bits")}
-    config |= {"bits": bits, "seed": cfg.run.seed, "final": bits == h.code_bits}
-    d = run.path / "hash" / f"k{bits}"
+    final = bits == h.code_bits and not variant
+    config |= {"bits": bits, "seed": cfg.run.seed, "final": final}
+    d = run.path / "hash" / variant / f"k{bits}" if variant else run.path / "hash" / f"k{bits}"
     clusters = run.path / "clusters" / f"round{last}.npz"
     trunk = run.path / "train" / f"round{last}" / "model.safetensors"
 
@@ -151,19 +133,26 @@ def hash_stage(cfg: Config, run: RunDir, shards_root: Path, bits: int, trainer: 
         pixels = ensure_member_pixels(shards_root, clusters, run.path / "train" / f"round{last}" / "members.npy")
         init = itq_init(shards_root, trunk, bits, fit_patches=cfg.train.feature_fit_patches, seed=cfg.run.seed,
                         out=d / "init.npz") if h.init == "itq" else ""
+        skip = skip_pairs(pixels, clusters, trunk, d / "init.npz", h.skip_similar, seed=cfg.run.seed,
+                          out=d / "similar.npz") if h.skip_similar > 0 else ""
         steps = round_steps(len(np.load(pixels, mmap_mode="r")), h.views_per_member, h.epochs,
                             h.batch_size_per_worker, cfg.train.num_workers, h.max_steps)
         spec = TrainSpec(mode="hash", pixels_path=str(pixels), clusters_path=str(clusters), out_dir=str(d),
                          init_from=str(trunk), steps=steps, batch_size_per_worker=h.batch_size_per_worker, lr=h.lr,
                          bits=bits, hash_init=str(init), alpha=h.alpha, beta=h.beta, gamma=h.gamma,
-                         printed_eq2=h.printed_eq2, trunk_lr_scale=h.trunk_lr_scale, **_spec_common(cfg))
-        model = _fit(trainer, spec, inputs, d / "ray", f"k{bits}", d / "model.safetensors")
+                         printed_eq2=h.printed_eq2, trunk_lr_scale=h.trunk_lr_scale, margin=h.margin,
+                         negatives=h.negatives, skip_pairs=str(skip), freeze_bn=h.freeze_bn,
+                         **spec_common(cfg))
+        name = f"{variant}-k{bits}" if variant else f"k{bits}"
+        model = fit(trainer, spec, inputs, d / "ray", name, d / "model.safetensors")
+        set_feature_mean(shards_root, model, mapper)
         codes = write_codes(shards_root, model, d, mapper)
         produced = {str(model): None, **{str(p): None for p in codes}}
-        if bits == h.code_bits:
+        if final:
             produced[str(export_final(model, to_dict(cfg), run.path / "final.safetensors"))] = None
             atomic_write_bytes(run.path / "codes.npy", (d / "codes.npy").read_bytes())
             produced[str(run.path / "codes.npy")] = None
         return produced
 
-    return run.run_stage(f"hash_k{bits}", work, config=config, inputs=inputs, force=force)
+    stage = f"hash_{variant}_k{bits}" if variant else f"hash_k{bits}"
+    return run.run_stage(stage, work, config=config, inputs=inputs, force=force)

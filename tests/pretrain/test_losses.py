@@ -7,24 +7,29 @@ import torch
 from pretrain.train.losses import hash_objective, hash_regularizers, relaxed_hamming, triplet_hash_loss
 
 
-def slow_triplet(b, b_pos, cluster, margin=None):
-    """Loop version: for every anchor, every other-cluster candidate among anchors and positives."""
+def slow_triplet(b, b_pos, cluster, margin=None, mining="hardest", skip=None):
+    """Loop version: for every anchor, every other-cluster candidate among anchors and positives
+    (not skipped); hardest = the largest violation; semihard = the largest violation among the
+    candidates farther than the positive (the nearest of them), the largest of all where there is none."""
     B, K = b.shape
     rho = K / 2 if margin is None else margin
     cand = [(b[j], int(cluster[j])) for j in range(B)] + [(b_pos[j], int(cluster[j])) for j in range(B)]
     losses, negatives = [], []
     for i in range(B):
         h_pos = (K - float(b[i] @ b_pos[i])) / 2
-        best, best_j = None, -1  # the largest violation before the hinge clamps it
+        options = []  # (violation, distance, candidate)
         for j, (c, cl) in enumerate(cand):
-            if cl == int(cluster[i]):
+            if cl == int(cluster[i]) or (skip is not None and skip[i, j]):
                 continue
-            violation = rho + h_pos - (K - float(b[i] @ c)) / 2
-            if best is None or violation > best:
-                best, best_j = violation, j
-        negatives.append(best_j)
-        if best is not None:
-            losses.append(max(0.0, best))
+            h = (K - float(b[i] @ c)) / 2
+            options.append((rho + h_pos - h, h, j))
+        beyond = [o for o in options if o[1] > h_pos]
+        if not options:
+            negatives.append(-1)
+            continue
+        pick = max(beyond) if mining == "semihard" and beyond else max(options)
+        negatives.append(pick[2])
+        losses.append(max(0.0, pick[0]))
     return (sum(losses) / len(losses) if losses else 0.0), negatives
 
 
@@ -50,6 +55,31 @@ def test_triplet_loss_matches_loop_version(seed, n_clusters, margin):
     assert loss.item() == pytest.approx(want, abs=1e-6)
     # ties are measure-zero with continuous codes, so the chosen negatives must agree exactly
     assert info["negatives"].tolist() == negatives
+
+
+@pytest.mark.parametrize("seed,n_clusters,margin", [(0, 3, None), (1, 5, 4.0), (2, 8, 10.0)])
+def test_semihard_negatives_match_loop_version(seed, n_clusters, margin):
+    b, b_pos, cluster = random_codes(24, 16, n_clusters, seed)
+    loss, info = triplet_hash_loss(b, b_pos, cluster, margin, mining="semihard")
+    want, negatives = slow_triplet(b, b_pos, cluster, margin, mining="semihard")
+    assert loss.item() == pytest.approx(want, abs=1e-6) and info["negatives"].tolist() == negatives
+    hardest = triplet_hash_loss(b, b_pos, cluster, margin)[1]["negatives"]
+    assert not torch.equal(hardest, info["negatives"])  # the option changes which negatives are taken
+
+
+@pytest.mark.parametrize("mining", ["hardest", "semihard"])
+def test_skipped_candidates_are_never_negatives(mining):
+    b, b_pos, cluster = random_codes(20, 16, 5, seed=9)
+    cand_cluster = torch.cat([cluster, cluster])
+    skip = (cluster[:, None] + cand_cluster[None, :]) % 3 == 0  # some cluster pairs are near-duplicates
+    loss, info = triplet_hash_loss(b, b_pos, cluster, mining=mining, skip=skip)
+    want, negatives = slow_triplet(b, b_pos, cluster, mining=mining, skip=skip)
+    assert loss.item() == pytest.approx(want, abs=1e-6) and info["negatives"].tolist() == negatives
+    chosen = info["negatives"]
+    rows = torch.nonzero(chosen >= 0).flatten()
+    assert not skip[rows, chosen[rows]].any() and len(rows) > 0
+    free = triplet_hash_loss(b, b_pos, cluster, mining=mining)[1]["negatives"]
+    assert skip[torch.arange(20), free].any()  # without the mask some of them would have been taken
 
 
 def test_a_lone_other_cluster_is_every_anchors_negative():
@@ -141,3 +171,20 @@ def test_hash_objective_is_triplet_plus_regularizers():
     torch.testing.assert_close(total, triplet + reg)
     assert {"active", "h_pos", "h_neg", "negatives", "variance", "decorrelation_term", "triplet",
             "total"} <= set(info)
+
+
+def test_similar_pairs_are_the_clusters_with_close_mean_features():
+    import numpy as np
+
+    from pretrain.train.similar import SkipPairs, similar_pairs
+
+    rng = np.random.default_rng(0)
+    dirs = np.eye(4)[[0, 0, 1, 2, 3]] + 0.05 * rng.normal(size=(5, 4))  # clusters 0 and 1 share a direction
+    cluster = np.repeat(np.arange(5), 30)
+    feats = dirs[cluster] + 0.1 * rng.normal(size=(150, 4))
+    pairs, cos = similar_pairs(feats, cluster, 5, threshold=0.8, block=2)  # blocks smaller than C
+    assert pairs.tolist() == [[0, 1]] and cos[0] > 0.9
+    skip = SkipPairs(pairs, 5, "cpu")
+    mask = skip.mask(torch.tensor([0, 1, 2]), torch.tensor([1, 0, 2, 4]))
+    assert mask.tolist() == [[True, False, False, False], [False, True, False, False], [False] * 4]
+    assert len(SkipPairs(np.zeros((0, 2)), 5, "cpu")) == 0

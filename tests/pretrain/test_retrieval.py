@@ -207,3 +207,17 @@ def test_retrieval_grid_frames_by_label():
     assert tuple(img[step, 0]) == (255, 255, 255)  # query shown once per block
     assert tuple(img[step, 3 * step]) == (255, 255, 255)  # -1: nothing retrieved
     assert tuple(img[3 * step, 0]) == (2, 2, 2) and tuple(img[3 * step, 2 * step]) == GREEN
+
+
+def test_pca_directions_of_wide_data_match_the_covariance_eigenvectors():
+    """Fewer points than dimensions (96x96 pixels) take the SVD path; it must give the covariance's PCA."""
+    from pretrain.eval.hashing_baselines import pca_directions
+
+    x = np.random.default_rng(0).normal(size=(50, 80)) @ np.diag(np.linspace(0.1, 3, 80))
+    _, vec, var = pca_directions(x, 5)
+    xc = x - x.mean(0)
+    w, v = np.linalg.eigh(xc.T @ xc / 49)
+    top = np.argsort(w)[::-1][:5]
+    v = v[:, top] * np.sign(v[:, top][np.abs(v[:, top]).argmax(0), np.arange(5)])
+    np.testing.assert_allclose(vec, v, atol=1e-5)
+    np.testing.assert_allclose(var, w[top], rtol=1e-8)
