@@ -28,3 +28,29 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     Image.fromarray(image).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def line_plots(path: str | Path, series: dict[str, list[float]], *, xlabel: str, title: str = "") -> Path | None:
+    """One small panel per named series (its values at x = 0, 1, ...), side by side, as PNG.
+    Nothing is written (None) when there is no series."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not series:
+        return None
+    fig = Figure(figsize=(2.6 * len(series), 2.4), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (name, values) in enumerate(series.items()):
+        ax = fig.add_subplot(1, len(series), i + 1)
+        ax.plot(range(len(values)), values, marker="o")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_xticks(range(len(values)))
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -24,15 +24,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain import stages  # noqa: E402
+from pretrain.alternation import alternate  # noqa: E402
 from pretrain.cluster.discover import ClusteringError  # noqa: E402
-from pretrain.cluster.stage import cluster_stage  # noqa: E402
 from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
 from pretrain.eval.stage import eval_stage  # noqa: E402
 from pretrain.models.weights import WeightsError  # noqa: E402
 from pretrain.rundir import RunDir, RunDirError  # noqa: E402
 from pretrain.tracking import Tracker  # noqa: E402
 from pretrain.train.loop import train_worker  # noqa: E402
-from pretrain.train.stage import cnn_features_stage, hash_stage, train_round_stage  # noqa: E402
+from pretrain.train.stage import hash_stage  # noqa: E402
 from shards.fsutil import atomic_write_text  # noqa: E402
 from shards.shardset import ShardError, ShardSet  # noqa: E402
 from shards.sources import SourceError  # noqa: E402
@@ -90,26 +90,30 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
             log.warning("patch preview skipped: %s", exc)
         result = stages.features_stage(cfg, run, ray_map, force="features" in force)
         tracker.log({"stage": "features", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-        summary = _rounds(cfg, run, index.root, tracker, force)
+        log_stage = functools.partial(_log_stage, tracker, run.path)
+        reports = alternate(cfg, run, index.root, trainer=trainer_for(cfg), task_map=task_map_for(cfg),
+                            cluster_map=functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task),
+                            log_stage=log_stage, force=force)
         for bits in cfg.hash.all_bits:
-            result = hash_stage(cfg, run, index.root, bits, _trainer(cfg), _task_map(cfg), force="hash" in force)
-            _log_stage(tracker, result, run.path / "hash" / f"k{bits}" / "metrics.jsonl", f"hash_k{bits}")
+            result = hash_stage(cfg, run, index.root, bits, trainer_for(cfg), task_map_for(cfg), force="hash" in force)
+            log_stage(result, run.path / "hash" / f"k{bits}" / "metrics.jsonl", f"hash_k{bits}")
         result = eval_stage(cfg, run, index.root, force="eval" in force)
         _log_eval(tracker, result, run.path)
-        return {"run_dir": str(run.path), "patches": index.total, "clusters": summary["clusters"],
-                "final": str(run.path / "final.safetensors")}
+        return {"run_dir": str(run.path), "patches": index.total, "clusters": reports[-1]["clusters"],
+                "rounds": reports, "final": str(run.path / "final.safetensors")}
     finally:
         tracker.finish()
+        run.unlock()
 
 
-def _task_map(cfg):
+def task_map_for(cfg):
     """Ray tasks for CNN inference (features, codes): one GPU share each when training uses GPUs."""
     from shards.cluster import ray_map
 
     return functools.partial(ray_map, num_gpus=0.25 if cfg.train.use_gpu else 0)
 
 
-def _trainer(cfg):
+def trainer_for(cfg):
     """Ray Train with the configured workers: trainer(config, name=..., storage_path=...)."""
     from shards.cluster import ray_train
 
@@ -117,38 +121,25 @@ def _trainer(cfg):
                              cpus_per_worker=cfg.train.cpus_per_worker, max_failures=cfg.train.max_failures)
 
 
-def _log_stage(tracker: Tracker, result, metrics: Path, prefix: str) -> None:
-    """Forwards a training run's metrics.jsonl (written by its rank 0) to the tracker."""
+def _log_stage(tracker: Tracker, run_dir: Path, result, metrics: Path | None, prefix: str) -> None:
+    """Records a stage in the tracker: its wall time, a training run's metrics.jsonl (written by its
+    rank 0), a clustering round's summary and montage, a round's report."""
     tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-    if result.skipped or not metrics.is_file():
+    if result.name.startswith("cluster_round"):
+        summary = json.loads((run_dir / "clusters" / f"{result.name[len('cluster_'):]}.json").read_text())
+        tracker.log({f"{prefix}/{k}": summary[k] for k in ("clusters", "members", "coverage", "purity", "nmi")
+                     if k in summary})
+        montage = run_dir / "figures" / f"clusters_{result.name[len('cluster_'):]}.png"
+        if montage.is_file() and not result.skipped:
+            tracker.log_image(f"cluster/montage_{result.name[len('cluster_'):]}", montage)
+    if result.name.startswith("report_round"):
+        report = json.loads((run_dir / "train" / result.name[len("report_"):] / "report.json").read_text())
+        tracker.log({f"{result.name}/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    if result.skipped or metrics is None or not metrics.is_file():
         return
     for line in metrics.read_text().splitlines():
         rec = json.loads(line)
         tracker.log({f"{prefix}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))})
-
-
-def _rounds(cfg, run: RunDir, shards: Path, tracker: Tracker, force: list[str]) -> dict:
-    """Clustering and CNN training, alternating (paper sec. 3.1) -> the last round's cluster summary."""
-    from shards.cluster import ray_map
-
-    trainer = _trainer(cfg)
-    cluster_map = functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task)
-    for r in range(cfg.train.rounds):
-        if r > 0:
-            result = cnn_features_stage(cfg, run, shards, r, _task_map(cfg), force="features" in force)
-            tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-        result = cluster_stage(cfg, run, shards, cluster_map, round_=r, force="cluster" in force,
-                               features_stage="features" if r == 0 else f"features_round{r}")
-        summary = json.loads((run.path / "clusters" / f"round{r}.json").read_text())
-        tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"],
-                     **{f"cluster_round{r}/{k}": summary[k] for k in ("clusters", "members", "purity", "nmi")
-                        if k in summary}})
-        montage = run.path / "figures" / f"clusters_round{r}.png"
-        if montage.is_file() and not result.skipped:  # skipped when the shards could not be read for it
-            tracker.log_image(f"cluster/montage_round{r}", montage)
-        result = train_round_stage(cfg, run, shards, r, trainer, force="train" in force)
-        _log_stage(tracker, result, run.path / "train" / f"round{r}" / "metrics.jsonl", f"train_round{r}")
-    return summary
 
 
 def _log_eval(tracker: Tracker, result, run_dir: Path) -> None:

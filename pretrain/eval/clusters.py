@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
-from pretrain.cluster.kmeans import kmeans
 from pretrain.figures import grid
 
 
@@ -34,21 +33,6 @@ def purity(members: list[np.ndarray], labels: np.ndarray) -> float:
 def nmi(members: list[np.ndarray], labels: np.ndarray) -> float:
     cluster, label = _memberships(members, labels)
     return float(normalized_mutual_info_score(label, cluster)) if len(label) else float("nan")
-
-
-def kmeans_baseline(feats: np.ndarray, labels: np.ndarray, k: int, sizes: np.ndarray, seed: int = 0) -> dict:
-    """k-means with k clusters on all rows: purity of the full clusters, and of each cluster's rows
-    nearest its centroid, as many as the discovered clusters have members (`sizes`, matched by rank
-    of size) -- the same coverage as the discovered clusters."""
-    x = np.asarray(feats, np.float32)
-    centroids, assign = kmeans(x, k, seed=seed)
-    full = [np.flatnonzero(assign == c) for c in range(len(centroids))]
-    dist = ((x - centroids[assign]) ** 2).sum(1)
-    by_size = np.argsort([-len(m) for m in full], kind="stable")
-    want = np.sort(np.asarray(sizes))[::-1]
-    nearest = [full[c][np.argsort(dist[full[c]], kind="stable")[:n]] for c, n in zip(by_size, want)]
-    return {"clusters": len(full), "purity": purity(full, labels), "nmi": nmi(full, labels),
-            "purity_same_coverage": purity(nearest, labels)}
 
 
 def montage(patches_of, members: list[np.ndarray], n_clusters: int, n_members: int, pad_px: int = 2) -> np.ndarray:

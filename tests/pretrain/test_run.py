@@ -131,6 +131,16 @@ def test_clustering_outputs_and_digits_purity(tmp_path):
     rows = json.loads((run_dir / "eval" / "retrieval.json").read_text())["results"]
     assert {r["method"] for r in rows} == {"ours", "LSH", "PCAH", "ITQ", "SH"} and all(0 < r["map"] <= 1 for r in rows)
     assert (run_dir / "figures" / "retrieval_k16.png").is_file()
+    # codes that carry information: every bit splits the patches, and most patches get a code of their own
+    # (codes thresholded at another mode's mean once collapsed to 3 distinct values here, at chance mAP)
+    codes = np.unpackbits(np.load(run_dir / "codes.npy"), axis=1)
+    share = codes.mean(0)
+    assert codes.shape == (1797, 16) and share.min() > 0.15 and share.max() < 0.85, share
+    assert len(np.unique(np.load(run_dir / "codes.npy"), axis=0)) > 500
+    stats = json.loads((run_dir / "eval" / "codes.json").read_text())["16"]
+    assert stats["balance_dev"] < 0.15
+    ours = next(r for r in rows if r["method"] == "ours")
+    assert ours["map"] > 0.3  # chance is about 0.1 (ten digits)
 
 
 def test_gpu_tasks_without_gpus_and_impossible_features_fail_in_one_line(tmp_path):
