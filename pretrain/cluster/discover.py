@@ -13,7 +13,8 @@
     final : SVMs of the merged clusters vs all of N
     cover : the final SVMs fire on every patch; a patch joins its best cluster when it is within
             that cluster's top cover_top_n (default patches / clusters) or scores above cover_min_score
-            (pretrain/cluster/cover.py); clusters ranked by their best members' scores
+            (pretrain/cluster/cover.py); with cover_score=centroid the cosine to each cluster's mean
+            member scores instead, top-n rule only; clusters ranked by their best members' scores
 
 All SVM work runs in blocks of clusters through `mapper` (Ray tasks in the driver, in-process in
 tests); a task gets paths and index lists, reads the features memmap itself and returns small arrays.
@@ -66,6 +67,7 @@ class DiscoveryParams:
     cover: bool = False  # coverage: a patch joins its best cluster within that cluster's top n ...
     cover_top_n: int = 0  # ... (0: patches / clusters, each cluster's fair share) ...
     cover_min_score: float = 1.0  # ... or when it scores above this
+    cover_score: str = "svm"  # svm: the final SVMs score the patches | centroid: cosine to the members' mean
     block_clusters: int = 2000  # clusters per task
     cover_rows: int = 65536  # patches per coverage task
     kmeans_iters: int = 20
@@ -285,17 +287,26 @@ class Discovery:
         rows = np.sort(rows)
         top_n = p.cover_top_n or max(1, round(len(rows) / len(clusters)))
         spans = [rows[lo : lo + p.cover_rows] for lo in range(0, len(rows), p.cover_rows)]
-        parts = self.mapper(cover_task, [(str(self.features), span, clusters.weights, clusters.bias, top_n, p.device)
+        weights, bias, min_score = clusters.weights, clusters.bias, p.cover_min_score
+        if p.cover_score == "centroid":
+            weights, bias, min_score = self._member_means(clusters), np.zeros(len(clusters), np.float32), np.inf
+        parts = self.mapper(cover_task, [(str(self.features), span, weights, bias, top_n, p.device)
                                          for span in spans], desc="coverage")
         fired = merge_chunks(parts, top_n)
         if p.cover:
-            members, scores = assign(rows, fired, top_n=top_n, min_score=p.cover_min_score)
+            members, scores = assign(rows, fired, top_n=top_n, min_score=min_score)
         else:
             members, scores = clusters.members(), clusters.scores()
         keep = [c for c in range(len(clusters)) if len(members[c]) >= p.min_members]
         rank = sorted(keep, key=lambda c: (-float(np.mean(scores[c][: p.top_m])), c))
         return Clusters.from_lists([members[c] for c in rank], [scores[c] for c in rank],
                                    weights=clusters.weights[rank], bias=clusters.bias[rank])
+
+    def _member_means(self, clusters: Clusters) -> np.ndarray:
+        """(C, d) float32: each cluster's mean member feature, L2-normalised (a cosine scorer)."""
+        feats = np.load(self.features, mmap_mode="r")
+        means = np.stack([np.asarray(feats[np.sort(m)], np.float32).mean(0) for m in clusters.members()])
+        return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 
     def run(self) -> Clusters:
         last = self.p.rounds + 2  # steps: 0 init, 1..rounds, rounds+1 merged and final, rounds+2 covered

@@ -306,6 +306,22 @@ def test_coverage_joins_a_patch_to_its_best_cluster_within_its_top_n():
     assert sorted(np.concatenate(members).tolist()) == list(range(10))
 
 
+def test_centroid_coverage_joins_each_patch_to_its_nearest_member_mean(tmp_path):
+    x, labels = blobs(3, 60, 8, seed=9)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    disc = Discovery(save_features(tmp_path, x), tmp_path / "work",
+                     DiscoveryParams(device="cpu", cover=True, cover_score="centroid", cover_top_n=1000), serial_map,
+                     key="k")
+    seeds = [np.flatnonzero(labels == b)[:5] for b in range(3)]
+    clusters = Clusters.from_lists(seeds, [np.zeros(5, np.float32)] * 3, weights=np.zeros((3, 8), np.float32),
+                                   bias=np.zeros(3, np.float32))
+    covered = disc._cover(clusters)  # zero SVMs would put every patch in cluster 0
+    assert len(covered) == 3 and sum(len(m) for m in covered.members()) == len(x)
+    for m in covered.members():
+        assert len(np.unique(labels[m])) == 1  # the blobs: each patch joined the mean of its own seeds
+    assert not covered.weights.any()  # the SVMs stay the clusters' detectors
+
+
 def test_nearest_members_cut_kmeans_clusters_to_the_coverage():
     from pretrain.cluster.kmeans import nearest_members
 
