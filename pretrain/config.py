@@ -114,7 +114,7 @@ class ClusterConfig:
     # Coverage (pretrain/cluster/cover.py): after merging, the final SVMs fire on every patch and a patch
     # joins its best cluster when it ranks within that cluster's top cover_top_n patches (0: its fair
     # share, patches / clusters), or scores above cover_min_score (1 = past the SVM's positive margin).
-    # false keeps only the loop's top-m members (about 15% of digits; the paper's members).
+    # false keeps only the loop's top-m members (about 9% of digits; the paper's members).
     cover: bool = True
     cover_top_n: int = 0
     cover_min_score: float = 1.0
