@@ -30,8 +30,7 @@ import numpy as np
 
 from pretrain.cluster.stage import cluster_stage
 from pretrain.config import Config, to_dict
-from pretrain.eval.hashing_baselines import fit_itq
-from pretrain.eval.retrieval import evaluate_retrieval, pack_codes
+from pretrain.eval.ablation import itq_scores
 from pretrain.features.cnn import cnn_features
 from pretrain.features.extract import extract_features
 from pretrain.figures import line_plots
@@ -104,14 +103,6 @@ def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, 
     return run.run_stage(f"train_round{round_}", work, config=config, inputs=inputs, force=force)
 
 
-def itq_retrieval(feats: np.ndarray, labels: np.ndarray, bits: int, *, seed: int, queries_per_class: int,
-                  repeats: int, precision_at: tuple[int, ...]) -> dict:
-    """PCA+ITQ codes of feats: (n, d) float, fitted on them, scored by Hamming-ranking retrieval."""
-    hasher = fit_itq(feats, min(bits, feats.shape[1]), seed=seed)
-    return evaluate_retrieval(pack_codes(hasher.encode(feats)), labels, queries_per_class=queries_per_class,
-                              repeats=repeats, precision_at=precision_at, seed=seed)
-
-
 def round_report_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, force: bool = False) -> StageResult:
     """What a round made: its clusters' members, coverage and purity, and (with labels, which only
     score) the retrieval mAP of PCA+ITQ at eval.round_bits on the round's fc7 of a seeded sample."""
@@ -134,9 +125,10 @@ def round_report_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int,
             rows = np.sort(rng.permutation(rows)[: e.round_patches])
             model = paths["model"]
             feats = cnn_features(store.get(rows), model_path=str(model), model_sha256=sha256_file(model), layer="fc7")
-            found = itq_retrieval(feats, labels[rows], e.round_bits, seed=cfg.run.seed,
-                                  queries_per_class=e.queries_per_class, repeats=e.repeats,
-                                  precision_at=e.precision_at)
+            bits = min(e.round_bits, feats.shape[1])
+            found = itq_scores(feats, feats, labels[rows], (bits,), seed=cfg.run.seed,
+                               queries_per_class=e.queries_per_class, repeats=e.repeats,
+                               precision_at=e.precision_at)[bits]
             report |= {"itq_bits": e.round_bits, "itq_map": found["map"], "itq_map_std": found["map_std"],
                        "itq_patches": len(rows)}
         atomic_write_json(paths["report"], report)
