@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml infra/install_vlfeat.sh
 	@touch $(STAMP)
 
 lint: setup
-	$(BIN)/ruff check pretrain shards transfer scripts tests
+	$(BIN)/ruff check infra pretrain shards transfer scripts tests
 
 test: lint
 	$(BIN)/python -m pytest -q

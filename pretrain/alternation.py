@@ -34,10 +34,10 @@ from pretrain.eval.ablation import itq_scores
 from pretrain.features.cnn import cnn_features
 from pretrain.features.extract import extract_features
 from pretrain.figures import line_plots
-from pretrain.rundir import RunDir, StageResult
+from infra.rundir import RunDir, StageResult
 from pretrain.train.loop import TrainSpec
 from pretrain.train.stage import ensure_member_pixels, fit, round_steps, skip_pairs, spec_common
-from shards.fsutil import atomic_write_json, sha256_file
+from infra.storage import atomic_write_json, sha256_file
 from shards.store import PatchStore
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.fsutil import atomic_write_bytes
+from infra.storage import atomic_write_bytes
 
 
 def grid(images: np.ndarray, cols: int = 8, pad_px: int = 2, fill: int = 255) -> np.ndarray:

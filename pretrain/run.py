@@ -29,11 +29,11 @@ from pretrain.cluster.discover import ClusteringError  # noqa: E402
 from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
 from pretrain.eval.stage import eval_stage  # noqa: E402
 from pretrain.models.weights import WeightsError  # noqa: E402
-from pretrain.rundir import RunDir, RunDirError  # noqa: E402
-from pretrain.tracking import Tracker  # noqa: E402
+from infra.rundir import RunDir, RunDirError  # noqa: E402
+from infra.tracking import Tracker  # noqa: E402
 from pretrain.train.loop import train_worker  # noqa: E402
 from pretrain.train.stage import hash_stage  # noqa: E402
-from shards.fsutil import atomic_write_text  # noqa: E402
+from infra.storage import atomic_write_text  # noqa: E402
 from shards.shardset import ShardError, ShardSet  # noqa: E402
 from shards.sources import SourceError  # noqa: E402
 
@@ -64,7 +64,7 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
     run = RunDir(run_dir)
     run.lock()
     atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
-    from shards.cluster import connect, node_gpus, ray_map
+    from infra.ray_edge import connect, node_gpus, ray_map
 
     log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
     gpus = node_gpus()
@@ -108,14 +108,14 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
 
 def task_map_for(cfg):
     """Ray tasks for CNN inference (features, codes): one GPU share each when training uses GPUs."""
-    from shards.cluster import ray_map
+    from infra.ray_edge import ray_map
 
     return functools.partial(ray_map, num_gpus=0.25 if cfg.train.use_gpu else 0)
 
 
 def trainer_for(cfg):
     """Ray Train with the configured workers: trainer(config, name=..., storage_path=...)."""
-    from shards.cluster import ray_train
+    from infra.ray_edge import ray_train
 
     return functools.partial(ray_train, train_worker, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                              cpus_per_worker=cfg.train.cpus_per_worker, max_failures=cfg.train.max_failures)

@@ -15,9 +15,9 @@ from pretrain.config import Config, ConfigError, to_dict
 from pretrain.features.extract import extract_features
 from pretrain.figures import grid, save_png
 from pretrain.models.alexnet import ARCHS
-from pretrain.rundir import RunDir, StageResult
+from infra.rundir import RunDir, StageResult
 from shards.build import build_shards
-from shards.fsutil import sha256_file
+from infra.storage import sha256_file
 from shards.shardset import SHARDS_JSON, ShardSet
 from shards.sources import Listing, list_items, source_fingerprint
 from shards.store import PatchStore

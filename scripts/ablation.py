@@ -29,10 +29,10 @@ from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.eval import ablation as ab  # noqa: E402
 from pretrain.features.cnn import cnn_features  # noqa: E402
 from pretrain.features.fisher import FisherEncoder  # noqa: E402
-from pretrain.rundir import RunDir  # noqa: E402
+from infra.rundir import RunDir  # noqa: E402
 from pretrain.run import run as run_pipeline, task_map_for, trainer_for  # noqa: E402
 from pretrain.train.stage import hash_stage  # noqa: E402
-from shards.fsutil import atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
+from infra.storage import atomic_write_json, atomic_write_text, sha256_file  # noqa: E402
 from shards.store import PatchStore  # noqa: E402
 
 log = logging.getLogger("ablation")

@@ -10,7 +10,7 @@ prints one JSON line:
                         through `batch_loader(num_workers=--loader-workers)` vs by the same dict batches
                         pre-made in memory and cycled; loader_ratio = loader / synthetic (goal >= 0.9)
   ray_samples_per_s, plain_samples_per_s  `train_worker` on --ray-workers DDP (gloo) CPU processes under
-                        Ray Train (`shards.cluster.ray_train`) vs under `torch.multiprocessing.spawn` with
+                        Ray Train (`infra.ray_edge.ray_train`) vs under `torch.multiprocessing.spawn` with
                         `LocalSession`, both from rank 0's metrics.jsonl: the median 10-step interval past
                         --ray-warmup steps (start-up excluded); *_cumulative is the last line's rate since
                         the loop began (first steps and checkpoints in); wall times apart: plain_wall_s
@@ -47,13 +47,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.eval.retrieval import HammingIndex  # noqa: E402
-from pretrain.train.data import ClusterBatches, batch_loader, write_member_pixels  # noqa: E402
-from pretrain.train.loop import TrainSpec, _loss, _optimizer, build_net, lr_at, train_worker  # noqa: E402
-from pretrain.train.session import LocalSession  # noqa: E402
-from shards.build import build_shards  # noqa: E402
-from shards.sources import list_items  # noqa: E402
-from shards.writer import PatchParams  # noqa: E402
+from pretrain.eval.retrieval import HammingIndex    # noqa: E402
+from pretrain.train.data import ClusterBatches, batch_loader, write_member_pixels    # noqa: E402
+from pretrain.train.loop import TrainSpec, _loss, _optimizer, build_net, lr_at, train_worker    # noqa: E402
+from infra.session import LocalSession  # noqa: E402
+from shards.build import build_shards    # noqa: E402
+from shards.sources import list_items    # noqa: E402
+from shards.writer import PatchParams    # noqa: E402
 
 
 def build_members(tmp: Path, patches_per_image: int, clusters: int) -> tuple[Path, Path]:
@@ -184,7 +184,7 @@ def steady_rate(metrics: Path, batch: int, world: int, warmup: int) -> tuple[flo
 def bench_ray(pixels: Path, clusters: Path, tmp: Path, args) -> dict:
     import ray
 
-    from shards.cluster import connect, ray_train
+    from infra.ray_edge import connect, ray_train
 
     w = args.ray_workers
     # a local Ray instance's workers inherit the driver's environment, not its sys.path

@@ -23,17 +23,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np    # noqa: E402
+import torch    # noqa: E402
 
-from pretrain.train.session import LocalSession, default_device  # noqa: E402
-from shards.cluster import connect, ray_map, serial_map  # noqa: E402 (Ray itself is imported on first use)
-from transfer.data import prepare_image, read_roidb, write_roidb  # noqa: E402
-from transfer.engine import DetectorSpec, detect_all, load_detector, train_detector  # noqa: E402
-from transfer.proposals import compute_proposals, load_precomputed  # noqa: E402
-from transfer.synthetic import make_voc  # noqa: E402
-from transfer.voc import VOC_CLASSES, load_split  # noqa: E402
-from transfer.voc_eval import evaluate_detections  # noqa: E402
+from infra.session import LocalSession, default_device  # noqa: E402
+from infra.ray_edge import connect, ray_map, serial_map  # noqa: E402 (Ray itself is imported on first use)
+from transfer.data import prepare_image, read_roidb, write_roidb    # noqa: E402
+from transfer.engine import DetectorSpec, detect_all, load_detector, train_detector    # noqa: E402
+from transfer.proposals import compute_proposals, load_precomputed    # noqa: E402
+from transfer.synthetic import make_voc    # noqa: E402
+from transfer.voc import VOC_CLASSES, load_split    # noqa: E402
+from transfer.voc_eval import evaluate_detections    # noqa: E402
 
 
 def parse_args():

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from shards.fsutil import atomic_write_json
+from infra.storage import atomic_write_json
 from shards.shardset import FORMAT, SHARDS_JSON
 from shards.sources import KINDS, Listing, SourceError, list_items
 from shards.writer import PatchParams, write_shard
@@ -65,12 +65,12 @@ def build_shards(
 ) -> dict:
     """Writes the shards and `shards.json` (written last, atomically); returns the index dict.
 
-    `mapper(fn, arg_tuples, desc=..., on_result=...)` runs the per-shard tasks: `shards.cluster.ray_map`
+    `mapper(fn, arg_tuples, desc=..., on_result=...)` runs the per-shard tasks: `infra.ray_edge.ray_map`
     for Ray, `serial_map` (the default) in-process. Each finished shard is logged to a progress file,
     so a build that was killed and is started again with the same source and settings writes only the
     shards it had not finished.
     """
-    from shards.cluster import serial_map
+    from infra.ray_edge import serial_map
 
     n = len(listing.items)
     if num_shards:
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         return 2
     mapper = None
     if not args.no_ray:
-        from shards.cluster import connect, ray_map
+        from infra.ray_edge import connect, ray_map
 
         log.info(connect())
         mapper = ray_map

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.config import ConfigError, RayConfig, TrackingConfig, _check, load_config
+from infra.configlib import ConfigError, RayConfig, TrackingConfig, _check, load_config
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from pretrain.train.augment import MEAN, STD
-from shards.fsutil import atomic_write_npz
+from pretrain.models.inputs import MEAN, STD
+from infra.storage import atomic_write_npz
 from transfer.proposals import flip_boxes, scale_boxes
 
 

@@ -1,7 +1,7 @@
 """Fast R-CNN fine-tuning and testing: `train_detector(config, session)` and `detect_all(...)`.
 
 `train_detector` is one process's training run, like pretrain's `train_worker`: the same function runs
-in this process (`pretrain.train.session.LocalSession`) and on Ray Train workers (DDP, one GPU each).
+in this process (`infra.session.LocalSession`) and on Ray Train workers (DDP, one GPU each).
 Loss (Girshick 2015, Eq. 1): cross-entropy over 21 classes on the sampled RoIs, plus, with box
 regression, smooth-L1 on the true class's deltas of the foreground RoIs (deltas normalised by
 (0.1, 0.1, 0.2, 0.2), i.e. torchvision's BoxCoder weights (10, 10, 5, 5)). SGD with Caffe's
@@ -27,8 +27,8 @@ from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
 from pretrain.models.weights import load_weights
-from pretrain.train.session import (Session, log_metrics, read_checkpoint, report_checkpoint, step_seed,
-                                    write_checkpoint)
+from infra.session import Session
+from pretrain.models.checkpoint import log_metrics, read_checkpoint, report_checkpoint, step_seed, write_checkpoint
 from transfer.data import BatchOrder, RoiDB, TrainImages, collate, prepare_image, read_roidb, usable_images
 from transfer.model import FastRCNN, build_detector
 

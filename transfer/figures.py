@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from shards.fsutil import atomic_write_bytes
+from infra.storage import atomic_write_bytes
 from transfer.voc_eval import RECALL_THRESHOLDS  # the metric's own recall thresholds, so the dots match its AP
 
 _CLASS_COLORS = colormaps["tab20"]  # 20 distinct qualitative colours, one per VOC class

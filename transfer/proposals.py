@@ -7,7 +7,7 @@ detector's loader then rescales them WITH its own resized image (`scale_boxes`):
 step is a known cause of near-zero mAP.
 
 The cache is `cache_dir/<hash of settings>/chunk-XXXXX.npz` (keys = image ids) plus `settings.json`.
-Each chunk is one task of the `map_fn` it is given (`shards.cluster.serial_map` / `ray_map`) and is
+Each chunk is one task of the `map_fn` it is given (`infra.ray_edge.serial_map` / `ray_map`) and is
 written atomically as soon as it finishes, so a killed run keeps its finished chunks. A chunk also
 holds `__sources__`, (n, 2) str rows [image id, "file name:size in bytes"]: an id whose image file
 changed (another data set under the same cache) is recomputed rather than served stale boxes.
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from shards.fsutil import atomic_write_json, atomic_write_npz
+from infra.storage import atomic_write_json, atomic_write_npz
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from pretrain.config import config_hash, to_dict
-from pretrain.rundir import RunDir, StageResult
-from pretrain.train.session import fresh_storage
-from shards.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from infra.configlib import config_hash, to_dict
+from infra.rundir import RunDir, StageResult
+from infra.session import fresh_storage
+from infra.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from transfer.config import TransferConfig
 from transfer.data import RoiDB, read_roidb, write_roidb
 from transfer.engine import DetectorSpec, detect, detect_all, load_detector

@@ -23,19 +23,19 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python transfer/voc07.py` from a checkout
 
-from pretrain.config import ConfigError, dump_yaml, to_dict, valid_keys  # noqa: E402
-from pretrain.models.weights import WeightsError  # noqa: E402
-from pretrain.rundir import RunDir, RunDirError  # noqa: E402
-from pretrain.tracking import Tracker  # noqa: E402
-from pretrain.train.session import default_device, local_trainer  # noqa: E402
-from shards.fsutil import atomic_write_text  # noqa: E402
-from transfer import stages  # noqa: E402
-from transfer.config import GENERATED, TransferConfig, load_transfer_config  # noqa: E402
-from transfer.engine import train_detector  # noqa: E402
-from transfer.model import read_conv_weights  # noqa: E402
-from transfer.proposals import ProposalError  # noqa: E402
-from transfer.synthetic import make_voc  # noqa: E402
-from transfer.voc import VocError, find_year_dir  # noqa: E402
+from infra.configlib import ConfigError, dump_yaml, to_dict, valid_keys    # noqa: E402
+from pretrain.models.weights import WeightsError    # noqa: E402
+from infra.rundir import RunDir, RunDirError    # noqa: E402
+from infra.tracking import Tracker    # noqa: E402
+from infra.session import default_device, local_trainer  # noqa: E402
+from infra.storage import atomic_write_text    # noqa: E402
+from transfer import stages    # noqa: E402
+from transfer.config import GENERATED, TransferConfig, load_transfer_config    # noqa: E402
+from transfer.engine import train_detector    # noqa: E402
+from transfer.model import read_conv_weights    # noqa: E402
+from transfer.proposals import ProposalError    # noqa: E402
+from transfer.synthetic import make_voc    # noqa: E402
+from transfer.voc import VocError, find_year_dir    # noqa: E402
 
 log = logging.getLogger("transfer.voc07")
 STAGES = ("data", "train", "test")
@@ -67,10 +67,10 @@ def resolve_voc(cfg: TransferConfig) -> Path:
 
 
 def _ray_map(cfg: TransferConfig):
-    """shards.cluster.ray_map, connecting to Ray on first use: cached proposals need no cluster."""
+    """infra.ray_edge.ray_map, connecting to Ray on first use: cached proposals need no cluster."""
 
     def map_fn(*args, **kw):
-        from shards.cluster import connect, ray_map
+        from infra.ray_edge import connect, ray_map
 
         log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
         return ray_map(*args, **kw)
@@ -85,7 +85,7 @@ def _trainer(cfg: TransferConfig):
         return functools.partial(local_trainer, train_detector)
 
     def trainer(config: dict, **kw):
-        from shards.cluster import connect, ray_train
+        from infra.ray_edge import connect, ray_train
 
         log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
         return ray_train(train_detector, config, num_workers=t.num_workers, use_gpu=t.use_gpu,

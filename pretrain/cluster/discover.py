@@ -35,7 +35,7 @@ from pretrain.cluster.cover import assign, cover_chunk, merge_chunks
 from pretrain.cluster.kmeans import kmeans
 from pretrain.cluster.merge import merge_clusters
 from pretrain.cluster.svm import fire, train_svms
-from shards.fsutil import atomic_write_json, atomic_write_npz
+from infra.storage import atomic_write_json, atomic_write_npz
 
 log = logging.getLogger(__name__)
 

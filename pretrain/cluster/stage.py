@@ -32,8 +32,8 @@ from pretrain.cluster.kmeans import nearest_members
 from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.clusters import montage, nmi, purity
 from pretrain.figures import save_png
-from pretrain.rundir import RunDir, StageResult
-from shards.fsutil import atomic_write_json, atomic_write_npz
+from infra.rundir import RunDir, StageResult
+from infra.storage import atomic_write_json, atomic_write_npz
 from shards.shardset import ShardError, patch_key
 from shards.store import PatchStore
 

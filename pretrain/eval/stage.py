@@ -20,8 +20,8 @@ from pretrain.config import Config, to_dict
 from pretrain.eval.attributes import bit_extremes, pick_bits, retrieval_grid
 from pretrain.eval.retrieval import HammingIndex, baseline_codes, code_stats, evaluate_retrieval, retrieval_table
 from pretrain.figures import save_png
-from pretrain.rundir import RunDir, StageResult
-from shards.fsutil import atomic_write_json, atomic_write_text
+from infra.rundir import RunDir, StageResult
+from infra.storage import atomic_write_json, atomic_write_text
 from shards.store import PatchStore
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 
 from pretrain.features.fisher import FisherEncoder, fit_whitening
 from pretrain.models.weights import load_trunk
-from pretrain.train.augment import to_input
+from pretrain.models.inputs import to_input
 
 BATCH = 256
 

@@ -9,7 +9,7 @@ Files in `out_dir` (round 0: the init features; round r > 0: CNN features, `kind
                             (round r > 0: .features-roundR-progress.jsonl)
 
 A shard's rows are trusted only if its progress line names the current encoder and the same shard
-file; a killed run re-encodes just the other shards. `mapper` is `shards.cluster.serial_map` or
+file; a killed run re-encodes just the other shards. `mapper` is `infra.ray_edge.serial_map` or
 `ray_map` (same contract); tasks get paths, not arrays, and read their shard themselves.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from numpy.lib.format import open_memmap
 from pretrain.features.cnn import cnn_features, fit_cnn_encoder
 from pretrain.features.fisher import FisherEncoder, fisher_vectors, fit_fisher_encoder, whiten
 from pretrain.features.hog import fit_hog_encoder, hog_features
-from shards.fsutil import atomic_write_text, sha256_file
+from infra.storage import atomic_write_text, sha256_file
 from shards.store import PatchStore
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from sklearn.decomposition import PCA
 from threadpoolctl import ThreadpoolController
 
 from pretrain.features.descriptors import DESC_DIM, frame_grid, local_descriptors, work_array
-from shards.fsutil import atomic_write_npz
+from infra.storage import atomic_write_npz
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from pretrain.models.alexnet import build_trunk
-from shards.fsutil import atomic_write_bytes
+from infra.storage import atomic_write_bytes
 
 FORMAT = "discoattr-weights-1"
 

@@ -19,8 +19,8 @@ from numpy.lib.format import open_memmap
 
 from pretrain.models.alexnet import HashHead
 from pretrain.models.weights import WeightsError, load_trunk, load_weights, save_weights, split_prefix
-from pretrain.train.augment import to_input
-from shards.fsutil import sha256_file
+from pretrain.models.inputs import to_input
+from infra.storage import sha256_file
 from shards.store import PatchStore
 
 BATCH = 256

@@ -38,8 +38,8 @@ from pretrain.train.augment import augment
 from pretrain.train.data import ClusterBatches, batch_loader
 from pretrain.train.losses import hash_objective
 from pretrain.train.similar import SkipPairs
-from pretrain.train.session import (Session, log_metrics, read_checkpoint, report_checkpoint, step_seed,
-                                    write_checkpoint)
+from infra.session import Session
+from pretrain.models.checkpoint import log_metrics, read_checkpoint, report_checkpoint, step_seed, write_checkpoint
 
 
 @dataclass(frozen=True)

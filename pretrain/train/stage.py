@@ -6,7 +6,7 @@
     final.safetensors, codes.npy     the K = hash.code_bits model and the packed codes of all patches
 
 `trainer(config, name=..., storage_path=...)` runs `train_worker` and returns the final checkpoint
-directory: `shards.cluster.ray_train` in the driver, `session.local_trainer` in tests. A rerun with
+directory: `infra.ray_edge.ray_train` in the driver, `session.local_trainer` in tests. A rerun with
 the same name resumes from the newest checkpoint there; a changed spec or changed inputs (new clusters
 at the same path) start the directory afresh, so a stale checkpoint is never resumed into a different run.
 """
@@ -22,13 +22,13 @@ import numpy as np
 from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.hashing_baselines import fit_itq
 from pretrain.features.cnn import cnn_features
-from pretrain.rundir import RunDir, StageResult
+from infra.rundir import RunDir, StageResult
 from pretrain.train.data import write_member_pixels
 from pretrain.train.export import export_final, set_feature_mean, write_codes
 from pretrain.train.loop import TrainSpec
-from pretrain.train.session import fresh_storage
+from infra.session import fresh_storage
 from pretrain.train.similar import similar_pairs
-from shards.fsutil import atomic_write_bytes, atomic_write_npz, atomic_write_text, sha256_file
+from infra.storage import atomic_write_bytes, atomic_write_npz, atomic_write_text, sha256_file
 from shards.shardset import SHARDS_JSON
 from shards.store import PatchStore
 

@@ -10,7 +10,7 @@ from pretrain.cluster.discover import Clusters, Discovery, DiscoveryParams, spli
 from pretrain.cluster.kmeans import drop_empty, kmeans
 from pretrain.cluster.merge import greedy_merge
 from pretrain.cluster.svm import fire, train_svms
-from shards.cluster import serial_map
+from infra.ray_edge import serial_map
 
 
 def blobs(n_blobs: int, per: int, dim: int, spread: float = 0.1, seed: int = 0):
@@ -211,7 +211,7 @@ def test_a_killed_cluster_stage_resumes_in_the_run_directory(tmp_path, shard_dir
     from pretrain import stages
     from pretrain.cluster.stage import cluster_stage
     from pretrain.config import load_config
-    from pretrain.rundir import RunDir
+    from infra.rundir import RunDir
 
     cfg = load_config(None, [f"data.shards_dir={shard_dir}", "data.patch_size_px=32", "train.arch=alexnet32",
                              "features.kind=hog", "features.hog_cell_px=8", "features.out_dim=8",
@@ -243,7 +243,7 @@ def test_natural_world_by_source_key(tmp_path, shard_dir):
     from pretrain.cluster.discover import ClusteringError
     from pretrain.cluster.stage import cluster_stage, natural_rows
     from pretrain.config import load_config
-    from pretrain.rundir import RunDir
+    from infra.rundir import RunDir
     from shards.store import PatchStore
 
     store = PatchStore(shard_dir)

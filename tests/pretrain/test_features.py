@@ -12,7 +12,7 @@ from pretrain.features import (FisherEncoder, encode, extract_features, fisher_v
                                local_descriptors)
 from pretrain.features.descriptors import COLOR_SCALE, color_stats, frame_grid
 from pretrain.features.extract import ENCODER, PROGRESS
-from shards.cluster import serial_map
+from infra.ray_edge import serial_map
 from shards.store import PatchStore
 from tests.conftest import rgb_noise
 

@@ -99,7 +99,7 @@ def test_prebuilt_shards_dir_is_recorded_and_checked(tmp_path, shard_dir):
 def test_cluster_runs_need_an_absolute_run_dir_and_one_driver_per_dir(tmp_path):
     rel = run_cli(["pretrain/run.py", "--run-dir", "runs/x"], env_extra={"RAY_ADDRESS": "127.0.0.1:1"})
     assert rel.returncode == 2 and "must be an absolute shared path" in rel.stderr
-    from pretrain.rundir import RunDir
+    from infra.rundir import RunDir
 
     held = RunDir(tmp_path / "busy")
     held.lock()

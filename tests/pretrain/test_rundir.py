@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pretrain.rundir import RunDir
+from infra.rundir import RunDir
 
 
 class Stage:
@@ -103,7 +103,7 @@ def test_fingerprint_covers_inputs_of_stages_without_outputs(tmp_path):
 
 
 def test_one_driver_per_run_directory(tmp_path):
-    from pretrain.rundir import RunDirError
+    from infra.rundir import RunDirError
 
     first, second = RunDir(tmp_path), RunDir(tmp_path)
     first.lock()

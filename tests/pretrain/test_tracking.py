@@ -1,6 +1,6 @@
 import json
 
-from pretrain.tracking import Tracker, resolve_wandb_mode
+from infra.tracking import Tracker, resolve_wandb_mode
 
 
 def lines(path):

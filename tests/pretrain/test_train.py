@@ -19,11 +19,11 @@ from pretrain.train import data as data_mod
 from pretrain.train.data import ClusterBatches, batch_loader, other_member, sample_members, write_member_pixels
 from pretrain.train.export import export_final, hash_scores, load_hasher, write_codes
 from pretrain.train.loop import TrainSpec, build_net, train_worker
-from pretrain.train.session import LocalSession, local_trainer
-from pretrain.train.session import fresh_storage
+from infra.session import LocalSession, local_trainer
+from infra.session import fresh_storage
 from pretrain.train.stage import itq_init, round_steps
-from shards.cluster import serial_map
-from shards.fsutil import sha256_file
+from infra.ray_edge import serial_map
+from infra.storage import sha256_file
 from shards.store import PatchStore
 from tests.pretrain.train_fixtures import CAT, COFFEE, PER_PHOTO, cluster_inputs, logged, spec_dict
 

@@ -10,7 +10,7 @@ import pytest
 
 from pretrain.models.weights import load_weights
 from pretrain.train.loop import train_worker
-from shards.cluster import connect, ray_train
+from infra.ray_edge import connect, ray_train
 from tests.conftest import REPO
 from tests.pretrain.train_fixtures import PER_PHOTO, cluster_inputs, logged, spec_dict
 

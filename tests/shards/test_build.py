@@ -64,7 +64,7 @@ class Killed(Exception):
 
 
 def test_killed_build_resumes_with_the_shards_it_had_not_finished(tmp_path, small_params):
-    from shards.cluster import serial_map
+    from infra.ray_edge import serial_map
 
     src = list_items(str(make_image_folder(tmp_path / "imgs")))  # 6 images -> 3 shards of 2
 

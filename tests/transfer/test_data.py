@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pretrain.train.augment import MEAN, STD
+from pretrain.models.inputs import MEAN, STD
 from transfer.data import (BatchOrder, TrainImages, collate, prepare_image, read_roidb, sample_rois, usable_images,
                            write_roidb)
 from transfer.voc import Annotation

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.models.weights import load_weights
-from pretrain.train.session import LocalSession
+from infra.session import LocalSession
 from tests.transfer.test_data import _scene
 from transfer.data import read_roidb, write_roidb
 from transfer.engine import DetectorSpec, detect, detect_all, load_detector, train_detector
@@ -68,7 +68,7 @@ def test_detections_come_back_in_the_original_images_pixels(tmp_path, roidb):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_ddp_workers_on_ray_train(tmp_path, roidb):
-    from shards.cluster import connect, ray_train
+    from infra.ray_edge import connect, ray_train
 
     connect(num_cpus=2)
     final = ray_train(train_detector, _spec(tmp_path, roidb, box_regression=True), name="det",

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.train.session import LocalSession
+from infra.session import LocalSession
 from tests.transfer.test_data import _scene
 from transfer.data import read_roidb, write_roidb
 from transfer.engine import DetectorSpec, detect, load_detector, train_detector

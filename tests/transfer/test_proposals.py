@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from torchvision.ops import box_iou
 
-from shards.cluster import serial_map
+from infra.ray_edge import serial_map
 from transfer.proposals import (ProposalError, clip_boxes, compute_proposals, flip_boxes, load_precomputed,
                                 proposal_recall, scale_boxes, selective_search, settings_folder)
 

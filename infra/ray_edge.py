@@ -74,7 +74,7 @@ def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus
 
 
 class RaySession:
-    """The session interface of `pretrain.train.session` inside a Ray Train worker."""
+    """The session interface of `infra.session` inside a Ray Train worker."""
 
     def __init__(self):
         import ray.train

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pretrain.config import config_hash
-from shards.fsutil import atomic_write_json, sha256_file
+from infra.configlib import config_hash
+from infra.storage import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 

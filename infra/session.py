@@ -1,23 +1,20 @@
 """Where a training process runs: its rank, its device, and where its checkpoints go.
 
 `train_worker` (pretrain/train/loop.py) talks only to this small interface, so the same loop runs
-under Ray Train (`shards.cluster.RaySession`) and as plain processes (`LocalSession`, used by
+under Ray Train (`infra.ray_edge.RaySession`) and as plain processes (`LocalSession`, used by
 tests and by the benchmark's baseline). Checkpoints are directories; rank 0 writes one into a
 temporary directory and every rank calls `report` the same number of times (Ray Train's rule).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
-from pretrain.models.weights import load_weights, save_weights
-from shards.fsutil import atomic_write_text
+from infra.storage import atomic_write_text
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -88,43 +85,3 @@ def fresh_storage(path: Path, key: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
         atomic_write_text(stamp, key)
-
-
-def write_checkpoint(tensors: dict[str, torch.Tensor], meta: dict, optimizer: torch.optim.Optimizer,
-                     step: int) -> Path:
-    """A checkpoint directory in a fresh temporary folder (the caller reports, then removes it):
-    model.safetensors (tensors + meta), optimizer.pt, step.json."""
-    tmp = Path(tempfile.mkdtemp(prefix="discoattr-ckpt-"))
-    save_weights(tmp / "model.safetensors", tensors, {**meta, "step": step})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step}))
-    return tmp
-
-
-def read_checkpoint(ckpt: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], int]:
-    """Restores `optimizer` from a checkpoint directory -> (its model tensors, its step)."""
-    tensors, _ = load_weights(ckpt / "model.safetensors")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    return tensors, int(json.loads((ckpt / "step.json").read_text())["step"])
-
-
-def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
-    """A seed for one step's randomness on one rank: a resumed run redraws what the killed one drew."""
-    return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
-
-
-def log_metrics(path: Path, record: dict, rank: int) -> None:
-    """Appends one JSON line to a run's metrics.jsonl, on rank 0 only."""
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-
-
-def report_checkpoint(session: Session, metrics: dict, step: int, save: Callable[[], Path]) -> None:
-    """Rank 0 writes a checkpoint with `save()`, every rank reports (Ray Train's rule), the temporary
-    directory goes."""
-    ckpt = save() if session.rank == 0 else None
-    session.report({**metrics, "step": step}, ckpt)
-    if ckpt is not None:
-        shutil.rmtree(ckpt, ignore_errors=True)
