@@ -77,3 +77,34 @@ def run_cli(args: list[str], cwd: Path = REPO, env_extra: dict | None = None, ti
 
 def rgb_noise(shape, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 server (its own process, real HTTP on 127.0.0.1) for the whole session; the standard AWS_*
+    variables point every client of this process, and the processes it starts, at it."""
+    from infra import s3local
+
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with s3local.s3_server(log_path=str(log)) as endpoint:
+        saved = {k: os.environ.get(k) for k in s3local.env(endpoint)}
+        os.environ.update(s3local.env(endpoint))
+        try:
+            yield endpoint
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_endpoint, request) -> str:
+    """A fresh bucket on the S3 server -> its URI, s3://NAME."""
+    from infra import s3local
+
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-") \
+        + "-" + os.urandom(3).hex()
+    s3local.make_bucket(s3_endpoint, name)
+    return f"s3://{name}"
