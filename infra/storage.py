@@ -165,6 +165,23 @@ def put_file(local: str | Path, path, move: bool = False) -> dict:
     return _record(p, sha, size)
 
 
+def append_line(path, line: str) -> None:
+    """Appends one line to a small log (metrics.jsonl): an append locally; on a store, where objects
+    cannot grow, the log is rewritten whole with one PUT (so keep such logs small)."""
+    p = to_path(path)
+    text = line if line.endswith("\n") else line + "\n"
+    if not is_remote(p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a") as f:
+            f.write(text)
+        return
+    try:
+        old = p.read_bytes()
+    except FileNotFoundError:
+        old = b""
+    atomic_write_bytes(p, old + text.encode("utf-8"))
+
+
 def create_once(path, data: bytes) -> bool:
     """Writes `data` only if nothing is at `path`; -> whether this call created it. POSIX: O_EXCL; S3:
     a conditional PUT. A store without conditional writes: write, read back, and compare (two writers

@@ -5,11 +5,14 @@ a tracking failure is logged once and never stops a run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
+
+from infra import storage
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +36,13 @@ class Tracker:
         self, run_dir: str | Path, *, run_id: str, run_name: str, config: dict, wandb_mode: str = "auto",
         project: str = "discoattr", entity: str = "", rank: int = 0, init_timeout_s: float = 30.0,
     ):
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.absolute(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
+        # W&B keeps its files on local disk: the run directory itself, or this node's cache for a bucket
+        self.local_dir = (storage.cache_dir() / "wandb" / hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:16]
+                          if storage.is_remote(self.run_dir) else self.run_dir)
+        if storage.is_remote(self.run_dir):
+            self.local_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.mode = resolve_wandb_mode(wandb_mode) if rank == 0 else "disabled"
         self._wandb = None
@@ -47,7 +55,7 @@ class Tracker:
 
             return wandb.init(
                 project=project, entity=entity or None, id=run_id, name=run_name, resume="allow",
-                dir=str(self.run_dir), config=config, mode=self.mode,
+                dir=str(self.local_dir), config=config, mode=self.mode,
                 settings=wandb.Settings(init_timeout=timeout, console="off", silent=True),
             )
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a run
@@ -61,8 +69,7 @@ class Tracker:
     def _append(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        storage.append_line(self.path, json.dumps(record, default=str))
 
     def _wandb_call(self, fn, *args, **kw) -> None:
         if self._wandb is None:
@@ -83,7 +90,7 @@ class Tracker:
         def _log():
             import wandb
 
-            self._wandb.log({name: wandb.Image(str(path))}, step=step)
+            self._wandb.log({name: wandb.Image(str(storage.local_copy(path)))}, step=step)
 
         self._wandb_call(_log)
 

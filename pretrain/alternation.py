@@ -34,9 +34,11 @@ from pretrain.eval.ablation import itq_scores
 from pretrain.features.cnn import cnn_features
 from pretrain.features.extract import extract_features
 from pretrain.figures import line_plots
+from infra import layout
+from infra.layout import RunLayout, ray_storage_of
 from infra.rundir import RunDir, StageResult
 from pretrain.train.loop import TrainSpec
-from pretrain.train.stage import ensure_member_pixels, fit, round_steps, skip_pairs, spec_common
+from pretrain.train.stage import ensure_member_pixels, fit, member_count, round_steps, skip_pairs, spec_common
 from infra.storage import atomic_write_json, sha256_file
 from shards.store import PatchStore
 
@@ -47,10 +49,10 @@ NOT_HASHED = ("num_workers", "use_gpu", "cpus_per_worker", "loader_workers", "am
               "max_failures", "rounds", "feature_layer", "feature_fit_patches")
 
 
-def round_paths(run: RunDir, r: int) -> dict[str, Path]:
-    return {"features": run.path / "features" / f"round{r}.npy", "clusters": run.path / "clusters" / f"round{r}.npz",
-            "train": run.path / "train" / f"round{r}", "model": run.path / "train" / f"round{r}" / "model.safetensors",
-            "report": run.path / "train" / f"round{r}" / "report.json"}
+def round_paths(run: RunDir, r: int) -> dict:
+    lay = RunLayout(run.path)
+    return {"features": lay.features(r), "clusters": lay.clusters(r), "train": lay.train_dir(r), "model": lay.model(r),
+            "report": lay.report(r), "members": lay.members(r), "summary": lay.cluster_summary(r)}
 
 
 def cnn_features_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, mapper: Callable,
@@ -59,16 +61,17 @@ def cnn_features_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int,
     model = round_paths(run, round_ - 1)["model"]
     config = {"kind": "cnn", "layer": cfg.train.feature_layer, "out_dim": cfg.features.out_dim,
               "fit_sample_patches": cfg.train.feature_fit_patches, "seed": cfg.run.seed}
-    inputs = {"model": run.outputs_fingerprint(f"train_round{round_ - 1}")}
+    inputs = {"model": run.outputs_fingerprint(layout.train_stage(round_ - 1))}
 
     def work():
-        res = extract_features(shards_root, run.path / "features", kind="cnn", mapper=mapper,
+        res = extract_features(shards_root, RunLayout(run.path).features_dir, kind="cnn", mapper=mapper,
                                fit_sample_patches=config["fit_sample_patches"], seed=cfg.run.seed, round_=round_,
-                               model_path=str(model), model_sha256=sha256_file(model), layer=config["layer"],
+                               model_path=str(model), model_sha256=run.output_sha256(model) or sha256_file(model),
+                               layer=config["layer"],
                                out_dim=config["out_dim"])
         return {res["features"]: None, res["encoder"]: None}
 
-    return run.run_stage(f"features_round{round_}", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.features_stage(round_), work, config=config, inputs=inputs, force=force)
 
 
 def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, trainer: Callable,
@@ -77,18 +80,18 @@ def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, 
     the previous round's trunk, or from a random one with train.round_init=scratch). After round 0,
     with train.skip_similar, the previous trunk names the near-duplicate clusters, which are left out
     of each other's softmax."""
-    inputs = {"clusters": run.outputs_fingerprint(f"cluster_round{round_}")}
+    inputs = {"clusters": run.outputs_fingerprint(layout.cluster_stage(round_))}
     continued = round_ > 0 and cfg.train.round_init == "previous"
     similar = round_ > 0 and cfg.train.skip_similar > 0
     if continued or similar:
-        inputs["previous"] = run.outputs_fingerprint(f"train_round{round_ - 1}")
+        inputs["previous"] = run.outputs_fingerprint(layout.train_stage(round_ - 1))
     config = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_HASHED} | {"seed": cfg.run.seed}
     paths = round_paths(run, round_)
 
     def work():
-        pixels = ensure_member_pixels(shards_root, paths["clusters"], paths["train"] / "members.npy")
+        pixels = ensure_member_pixels(shards_root, paths["clusters"], paths["members"])
         t = cfg.train
-        steps = round_steps(len(np.load(pixels, mmap_mode="r")), t.views_per_member, t.epochs,
+        steps = round_steps(member_count(paths["clusters"]), t.views_per_member, t.epochs,
                             t.batch_size_per_worker, t.num_workers, t.max_steps_per_round)
         previous = round_paths(run, round_ - 1)["model"] if round_ > 0 else None
         skip = skip_pairs(pixels, paths["clusters"], previous, None, t.skip_similar, seed=cfg.run.seed,
@@ -97,24 +100,24 @@ def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, 
                          out_dir=str(paths["train"]), init_from=str(previous) if continued else "", steps=steps,
                          batch_size_per_worker=t.batch_size_per_worker, lr=t.lr, skip_pairs=str(skip),
                          **spec_common(cfg))
-        out = fit(trainer, spec, inputs, paths["train"] / "ray", f"round{round_}", paths["model"])
-        return {str(out): None}
+        out = fit(trainer, spec, inputs, ray_storage_of(paths["train"]), f"round{round_}", paths["model"])
+        return {out: None}
 
-    return run.run_stage(f"train_round{round_}", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.train_stage(round_), work, config=config, inputs=inputs, force=force)
 
 
 def round_report_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, force: bool = False) -> StageResult:
     """What a round made: its clusters' members, coverage and purity, and (with labels, which only
     score) the retrieval mAP of PCA+ITQ at eval.round_bits on the round's fc7 of a seeded sample."""
     paths = round_paths(run, round_)
-    inputs = {"clusters": run.outputs_fingerprint(f"cluster_round{round_}"),
-              "model": run.outputs_fingerprint(f"train_round{round_}")}
+    inputs = {"clusters": run.outputs_fingerprint(layout.cluster_stage(round_)),
+              "model": run.outputs_fingerprint(layout.train_stage(round_))}
     e = cfg.eval
     config = {"round_bits": e.round_bits, "round_patches": e.round_patches, "queries_per_class": e.queries_per_class,
               "repeats": e.repeats, "precision_at": list(e.precision_at), "seed": cfg.run.seed}
 
     def work():
-        summary = json.loads(paths["clusters"].with_suffix(".json").read_text())
+        summary = json.loads(paths["summary"].read_text())
         report = {"round": round_, **{k: summary[k] for k in ("clusters", "members", "coverage", "purity", "nmi")
                                       if k in summary}}
         store = PatchStore(shards_root)
@@ -124,7 +127,8 @@ def round_report_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int,
             rng = np.random.default_rng(cfg.run.seed)
             rows = np.sort(rng.permutation(rows)[: e.round_patches])
             model = paths["model"]
-            feats = cnn_features(store.get(rows), model_path=str(model), model_sha256=sha256_file(model), layer="fc7")
+            feats = cnn_features(store.get(rows), model_path=str(model), layer="fc7",
+                                 model_sha256=run.output_sha256(model) or sha256_file(model))
             bits = min(e.round_bits, feats.shape[1])
             found = itq_scores(feats, feats, labels[rows], (bits,), seed=cfg.run.seed,
                                queries_per_class=e.queries_per_class, repeats=e.repeats,
@@ -132,9 +136,9 @@ def round_report_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int,
             report |= {"itq_bits": e.round_bits, "itq_map": found["map"], "itq_map_std": found["map_std"],
                        "itq_patches": len(rows)}
         atomic_write_json(paths["report"], report)
-        return {str(paths["report"]): None}
+        return {paths["report"]: None}
 
-    return run.run_stage(f"report_round{round_}", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.report_stage(round_), work, config=config, inputs=inputs, force=force)
 
 
 def alternate(cfg: Config, run: RunDir, shards_root: Path, *, trainer: Callable, cluster_map: Callable,
@@ -145,18 +149,19 @@ def alternate(cfg: Config, run: RunDir, shards_root: Path, *, trainer: Callable,
     for r in range(cfg.train.rounds):
         if r > 0:
             log_stage(cnn_features_stage(cfg, run, shards_root, r, task_map, force="features" in force), None, "")
-        start = f"cluster_round{r - 1}" if r > 0 and cfg.cluster.refine and cfg.cluster.method == "discover" else None
+        start = layout.cluster_stage(r - 1) if r > 0 and cfg.cluster.refine and cfg.cluster.method == "discover" else None
         log_stage(cluster_stage(cfg, run, shards_root, cluster_map, round_=r, start_stage=start,
-                                features_stage="features" if r == 0 else f"features_round{r}",
-                                force="cluster" in force), None, f"cluster_round{r}")
+                                features_stage=layout.features_stage(r),
+                                force="cluster" in force), None, layout.cluster_stage(r))
         result = train_round_stage(cfg, run, shards_root, r, trainer, force="train" in force)
-        log_stage(result, round_paths(run, r)["train"] / "metrics.jsonl", f"train_round{r}")
+        log_stage(result, round_paths(run, r)["train"] / "metrics.jsonl", layout.train_stage(r))
         log_stage(round_report_stage(cfg, run, shards_root, r, force="train" in force), None, "")
         reports.append(json.loads(round_paths(run, r)["report"].read_text()))
         log.info("round %d: %s", r, ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in reports[-1].items() if k != "round"))
-    atomic_write_json(run.path / "rounds.json", {"rounds": reports, "config": to_dict(cfg.cluster)})
+    lay = RunLayout(run.path)
+    atomic_write_json(lay.rounds, {"rounds": reports, "config": to_dict(cfg.cluster)})
     series = {k: [rep.get(k) for rep in reports] for k in ("members", "coverage", "purity", "itq_map")}
-    line_plots(run.path / "figures" / "rounds.png", {k: v for k, v in series.items() if None not in v},
+    line_plots(lay.figure("rounds"), {k: v for k, v in series.items() if None not in v},
                xlabel="round", title="cluster <-> CNN rounds")
     return reports

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from infra.storage import atomic_write_bytes
+from infra.storage import atomic_write_bytes, to_path
 
 
 def grid(images: np.ndarray, cols: int = 8, pad_px: int = 2, fill: int = 255) -> np.ndarray:
@@ -27,7 +27,7 @@ def save_png(path: str | Path, image: np.ndarray) -> Path:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return to_path(path)
 
 
 def line_plots(path: str | Path, series: dict[str, list[float]], *, xlabel: str, title: str = "") -> Path | None:
@@ -53,4 +53,4 @@ def line_plots(path: str | Path, series: dict[str, list[float]], *, xlabel: str,
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return to_path(path)

@@ -29,16 +29,18 @@ from pretrain.cluster.discover import ClusteringError  # noqa: E402
 from pretrain.config import ConfigError, dump_yaml, load_config, to_dict, valid_keys  # noqa: E402
 from pretrain.eval.stage import eval_stage  # noqa: E402
 from pretrain.models.weights import WeightsError  # noqa: E402
+from infra import layout, storage  # noqa: E402
+from infra.layout import RunLayout  # noqa: E402
 from infra.rundir import RunDir, RunDirError  # noqa: E402
 from infra.tracking import Tracker  # noqa: E402
 from pretrain.train.loop import train_worker  # noqa: E402
 from pretrain.train.stage import hash_stage  # noqa: E402
-from infra.storage import atomic_write_text  # noqa: E402
+from infra.storage import StorageError, atomic_write_text  # noqa: E402
 from shards.shardset import ShardError, ShardSet  # noqa: E402
 from shards.sources import SourceError  # noqa: E402
 
 log = logging.getLogger("pretrain.run")
-STAGES = ("shard", "features", "cluster", "train", "hash", "eval")  # --force names; cluster/train: every round
+STAGES = layout.FORCE_NAMES  # --force names; cluster/train/features: every round, hash: every code length
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,21 +51,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="experiment YAML (default: pretrain/configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. data.patches_per_image=32 (repeatable)")
-    p.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>)")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory: a path or a bucket URI such as s3://bucket/runs/x (default: <run.root>/<run.name>)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
                    help="redo this stage even if its record matches (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
 
 
-def run(cfg, run_dir: Path, force: list[str]) -> dict:
+def run(cfg, run_dir, force: list[str]) -> dict:
+    run_dir = storage.to_path(run_dir)
+    storage.check_location(run_dir, what="run directory")  # before anything is written
     data = stages.check_data(cfg)  # a bad source fails here, before Ray starts or anything is written
-    if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not run_dir.is_absolute():
+    if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not storage.is_remote(run_dir) \
+            and not run_dir.is_absolute():
         # a job's working directory is Ray's unpacked copy of the code, deleted with the job
-        raise ConfigError(f"on a cluster the run directory must be an absolute shared path, got {run_dir}")
+        raise ConfigError(f"on a cluster the run directory must be an absolute shared path or a bucket URI, "
+                          f"got {run_dir}")
     run = RunDir(run_dir)
     run.lock()
-    atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
+    lay = RunLayout(run.path)
+    atomic_write_text(lay.config, dump_yaml(cfg))
     from infra.ray_edge import connect, node_gpus, ray_map
 
     log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
@@ -84,23 +92,23 @@ def run(cfg, run_dir: Path, force: list[str]) -> dict:
                      "patches": index.total, "shards": len(index.names)})
         log.info("shards: %d patches in %d shards at %s", index.total, len(index.names), index.root)
         try:
-            preview = stages.patch_preview(index, run.path / "figures" / "patches.png", seed=cfg.run.seed)
+            preview = stages.patch_preview(index, lay.figure("patches"), seed=cfg.run.seed)
             tracker.log_image("shard/patches", preview)
         except ShardError as exc:  # a figure never stops a run
             log.warning("patch preview skipped: %s", exc)
         result = stages.features_stage(cfg, run, ray_map, force="features" in force)
         tracker.log({"stage": "features", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-        log_stage = functools.partial(_log_stage, tracker, run.path)
+        log_stage = functools.partial(_log_stage, tracker, lay)
         reports = alternate(cfg, run, index.root, trainer=trainer_for(cfg), task_map=task_map_for(cfg),
                             cluster_map=functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task),
                             log_stage=log_stage, force=force)
         for bits in cfg.hash.all_bits:
             result = hash_stage(cfg, run, index.root, bits, trainer_for(cfg), task_map_for(cfg), force="hash" in force)
-            log_stage(result, run.path / "hash" / f"k{bits}" / "metrics.jsonl", f"hash_k{bits}")
+            log_stage(result, lay.hash_dir(bits) / "metrics.jsonl", layout.hash_stage(bits))
         result = eval_stage(cfg, run, index.root, force="eval" in force)
-        _log_eval(tracker, result, run.path)
+        _log_eval(tracker, result, lay)
         return {"run_dir": str(run.path), "patches": index.total, "clusters": reports[-1]["clusters"],
-                "rounds": reports, "final": str(run.path / "final.safetensors")}
+                "rounds": reports, "final": str(lay.final)}
     finally:
         tracker.finish()
         run.unlock()
@@ -121,19 +129,21 @@ def trainer_for(cfg):
                              cpus_per_worker=cfg.train.cpus_per_worker, max_failures=cfg.train.max_failures)
 
 
-def _log_stage(tracker: Tracker, run_dir: Path, result, metrics: Path | None, prefix: str) -> None:
+def _log_stage(tracker: Tracker, lay: RunLayout, result, metrics, prefix: str) -> None:
     """Records a stage in the tracker: its wall time, a training run's metrics.jsonl (written by its
     rank 0), a clustering round's summary and montage, a round's report."""
     tracker.log({"stage": result.name, "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-    if result.name.startswith("cluster_round"):
-        summary = json.loads((run_dir / "clusters" / f"{result.name[len('cluster_'):]}.json").read_text())
+    r = layout.stage_round(result.name, "cluster")
+    if r is not None:
+        summary = json.loads(lay.cluster_summary(r).read_text())
         tracker.log({f"{prefix}/{k}": summary[k] for k in ("clusters", "members", "coverage", "purity", "nmi")
                      if k in summary})
-        montage = run_dir / "figures" / f"clusters_{result.name[len('cluster_'):]}.png"
+        montage = lay.figure(f"clusters_round{r}")
         if montage.is_file() and not result.skipped:
-            tracker.log_image(f"cluster/montage_{result.name[len('cluster_'):]}", montage)
-    if result.name.startswith("report_round"):
-        report = json.loads((run_dir / "train" / result.name[len("report_"):] / "report.json").read_text())
+            tracker.log_image(f"cluster/montage_round{r}", montage)
+    r = layout.stage_round(result.name, "report")
+    if r is not None:
+        report = json.loads(lay.report(r).read_text())
         tracker.log({f"{result.name}/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     if result.skipped or metrics is None or not metrics.is_file():
         return
@@ -142,13 +152,12 @@ def _log_stage(tracker: Tracker, run_dir: Path, result, metrics: Path | None, pr
         tracker.log({f"{prefix}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))})
 
 
-def _log_eval(tracker: Tracker, result, run_dir: Path) -> None:
+def _log_eval(tracker: Tracker, result, lay: RunLayout) -> None:
     tracker.log({"stage": "eval", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-    table = run_dir / "eval" / "retrieval.json"
-    if table.is_file():
-        rows = json.loads(table.read_text())["results"]
+    if lay.retrieval.is_file():
+        rows = json.loads(lay.retrieval.read_text())["results"]
         tracker.summary({f"map/{r['method']}/k{r['bits']}": r["map"] for r in rows if "map" in r})
-    for png in sorted((run_dir / "figures").glob("*_k*.png")):
+    for png in sorted(lay.figures.glob("*_k*.png")) if lay.figures.exists() else []:
         tracker.log_image(f"eval/{png.stem}", png)
 
 
@@ -160,12 +169,12 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / cfg.run.name
+        run_dir = args.run_dir or storage.to_path(cfg.run.root) / cfg.run.name
         unknown = set(args.force) - set(STAGES)
         if unknown:
             raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
         run(cfg, run_dir, args.force)
-    except (ConfigError, SourceError, ShardError, RunDirError, ClusteringError, WeightsError) as exc:
+    except (ConfigError, SourceError, ShardError, RunDirError, ClusteringError, WeightsError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,6 @@ tests), so nothing here imports Ray.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -15,6 +14,8 @@ from pretrain.config import Config, ConfigError, to_dict
 from pretrain.features.extract import extract_features
 from pretrain.figures import grid, save_png
 from pretrain.models.alexnet import ARCHS
+from infra import layout, storage
+from infra.layout import RunLayout
 from infra.rundir import RunDir, StageResult
 from shards.build import build_shards
 from infra.storage import sha256_file
@@ -40,7 +41,8 @@ def check_data(cfg: Config) -> Listing | ShardSet:
         raise ConfigError(f"train.arch {cfg.train.arch} takes {arch_px}px patches but data.patch_size_px is "
                           f"{cfg.data.patch_size_px}")
     if cfg.data.shards_dir:
-        shards = ShardSet.open(Path(cfg.data.shards_dir).resolve())
+        storage.check_location(cfg.data.shards_dir, what="data.shards_dir")
+        shards = ShardSet.open(storage.absolute(cfg.data.shards_dir))
         if shards.patch_px != cfg.data.patch_size_px:
             raise ConfigError(f"data.shards_dir holds {shards.patch_px}px patches but data.patch_size_px is "
                               f"{cfg.data.patch_size_px}")
@@ -57,21 +59,21 @@ def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Call
     """Stage 0: builds `<run>/shards/` from the source (or records prebuilt shards)."""
     if isinstance(data, ShardSet):  # built beforehand: nothing to write, only to record
         inputs = {"shards": sha256_file(data.root / SHARDS_JSON)}
-        return run.run_stage("shard", lambda: {}, config={"shards_dir": str(data.root)}, inputs=inputs,
+        return run.run_stage(layout.SHARD, lambda: {}, config={"shards_dir": str(data.root)}, inputs=inputs,
                              force=force)
 
-    out = run.path / "shards"
+    out = RunLayout(run.path).shards
     config = to_dict(cfg.data) | {"seed": cfg.run.seed}
     inputs = {"source": source_fingerprint(data)}
 
     def build():
         index = build_shards(data, out, patch_params(cfg), images_per_shard=cfg.data.images_per_shard,
                              mapper=mapper)
-        produced = {str(out / e["name"]): e["sha256"] for e in index["shards"]}
-        produced[str(out / SHARDS_JSON)] = None
+        produced = {out / e["name"]: e["sha256"] for e in index["shards"]}
+        produced[out / SHARDS_JSON] = None
         return produced
 
-    return run.run_stage("shard", build, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.SHARD, build, config=config, inputs=inputs, force=force)
 
 
 def features_settings(cfg: Config) -> dict:
@@ -87,8 +89,8 @@ def features_stage(cfg: Config, run: RunDir, mapper: Callable, force: bool = Fal
     """Stage 1: `<run>/features/round0.npy` (init features of every patch) and `encoder.npz`."""
     config = features_settings(cfg) | {"fit_sample_patches": cfg.features.fit_sample_patches,
                                        "seed": cfg.run.seed}
-    inputs = {"shards": run.outputs_fingerprint("shard")}
-    out = run.path / "features"
+    inputs = {"shards": run.outputs_fingerprint(layout.SHARD)}
+    out = RunLayout(run.path).features_dir
 
     def work():
         try:
@@ -97,15 +99,15 @@ def features_stage(cfg: Config, run: RunDir, mapper: Callable, force: bool = Fal
             raise ConfigError(f"features: {exc}") from None
         return {res["features"]: None, res["encoder"]: None}
 
-    return run.run_stage("features", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.features_stage(0), work, config=config, inputs=inputs, force=force)
 
 
-def shards_root(cfg: Config, run: RunDir) -> Path:
-    """Where the patch shards of this run live."""
-    return Path(cfg.data.shards_dir).resolve() if cfg.data.shards_dir else run.path / "shards"
+def shards_root(cfg: Config, run: RunDir):
+    """Where the patch shards of this run live (a path or URI)."""
+    return storage.absolute(cfg.data.shards_dir) if cfg.data.shards_dir else RunLayout(run.path).shards
 
 
-def patch_preview(shards: ShardSet | Path, out: Path, n: int = 64, seed: int = 0) -> Path:
+def patch_preview(shards, out, n: int = 64, seed: int = 0):
     """A grid of `n` random patches from the shards, as PNG (what the clustering will see)."""
     store = PatchStore(shards.root if isinstance(shards, ShardSet) else shards)
     pick = np.sort(np.random.default_rng(seed).choice(len(store), size=min(n, len(store)), replace=False))

@@ -24,7 +24,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from pretrain.models.inputs import MEAN, STD
-from infra.storage import atomic_write_npz
+from infra.storage import atomic_write_npz, local_copy
 from transfer.proposals import flip_boxes, scale_boxes
 
 
@@ -89,8 +89,9 @@ def write_roidb(path: str | Path, annotations: list, proposals: dict[str, np.nda
     return atomic_write_npz(path, **arrays)
 
 
-def read_roidb(path: str | Path) -> RoiDB:
-    with np.load(path, allow_pickle=False) as z:
+def read_roidb(path) -> RoiDB:
+    """A roidb file (a path or URI, fetched once per node)."""
+    with np.load(local_copy(path), allow_pickle=False) as z:
         return RoiDB(**{k: z[k] for k in z.files})
 
 

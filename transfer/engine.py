@@ -27,6 +27,7 @@ from torchvision.ops import batched_nms
 from tqdm.auto import tqdm
 
 from pretrain.models.weights import load_weights
+from infra import storage
 from infra.session import Session
 from pretrain.models.checkpoint import log_metrics, read_checkpoint, report_checkpoint, step_seed, write_checkpoint
 from transfer.data import BatchOrder, RoiDB, TrainImages, collate, prepare_image, read_roidb, usable_images
@@ -152,7 +153,7 @@ def train_detector(config: dict, session: Session) -> dict:
     opt = _optimizer(model, spec)
     start = _resume(model, opt, session.latest_checkpoint())
     net = DistributedDataParallel(model) if session.world_size > 1 else model
-    log = Path(spec.out_dir) / "metrics.jsonl"
+    log = storage.to_path(spec.out_dir) / "metrics.jsonl"
     bar = tqdm(total=spec.iterations, initial=start, desc="fast r-cnn", unit="it",
                disable=session.rank != 0 or not spec.progress, mininterval=5)
     metrics, t0, images = {"step": start}, time.perf_counter(), 0

@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,8 @@ from typing import Callable
 import numpy as np
 
 from infra.configlib import config_hash, to_dict
+from infra import storage
+from infra.layout import TransferLayout
 from infra.rundir import RunDir, StageResult
 from infra.session import fresh_storage
 from infra.storage import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
@@ -84,20 +85,21 @@ def data_stage(cfg: TransferConfig, run: RunDir, year_dir: Path, map_fn: Callabl
             annotations, skipped = load_split(year_dir, split)
             annotations = annotations[:d.max_images] if d.max_images else annotations
             proposals = _proposals(cfg, annotations, map_fn)
-            path = write_roidb(run.path / "data" / f"{role}.npz", annotations, proposals)
+            path = write_roidb(TransferLayout(run.path).roidb(role), annotations, proposals)
             summary[role] = {"split": split, **_split_summary(annotations, proposals, skipped)}
-            out[str(path)] = None
+            out[path] = None
             log.info("data %s (%s): %s", role, split, json.dumps(summary[role]))
-        out[str(atomic_write_json(run.path / "data" / "summary.json", summary))] = None
+        out[atomic_write_json(TransferLayout(run.path).data_summary, summary)] = None
         return out
 
-    return run.run_stage("data", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(TransferLayout.DATA, work, config=config, inputs=inputs, force=force)
 
 
 def detector_spec(cfg: TransferConfig, run: RunDir, *, init: str, ckpt: str) -> DetectorSpec:
     m, t = cfg.model, cfg.train
     return DetectorSpec(
-        roidb=str(run.path / "data" / "train.npz"), out_dir=str(run.path / "train"), ckpt=ckpt, init=init,
+        roidb=str(TransferLayout(run.path).roidb("train")), out_dir=str(TransferLayout(run.path).train_dir), ckpt=ckpt,
+        init=init,
         arch=m.arch, width=m.width, num_classes=len(VOC_CLASSES) + 1, fc_dim=m.fc_dim, dropout=m.dropout,
         box_regression=m.box_regression, freeze_conv1=m.freeze_conv1, fc_init_std=m.fc_init_std,
         iterations=t.iterations, lr=t.lr, lr_steps=t.lr_steps, lr_gamma=t.lr_gamma, momentum=t.momentum,
@@ -116,22 +118,23 @@ def train_stage(cfg: TransferConfig, run: RunDir, trainer: Callable, *, init: st
     """Fine-tunes the detector -> detector.safetensors. `trainer(config, name=, storage_path=)`."""
     spec = detector_spec(cfg, run, init=init, ckpt=ckpt)
     config = {k: v for k, v in dataclasses.asdict(spec).items() if k not in RESUMABLE + ("ckpt",)}
-    inputs = {"data": run.outputs_fingerprint("data"), "ckpt": sha256_file(ckpt) if ckpt else ""}
+    inputs = {"data": run.outputs_fingerprint(TransferLayout.DATA), "ckpt": sha256_file(ckpt) if ckpt else ""}
+    lay = TransferLayout(run.path)
 
     def work():
-        storage = run.path / "train" / "ckpt"
-        fresh_storage(storage, config_hash({"spec": config, "inputs": inputs}))
-        if not any(storage.rglob("model.safetensors")):  # a new run, not a resumed one: start its log afresh
-            (run.path / "train" / "metrics.jsonl").unlink(missing_ok=True)
-        final = trainer(dataclasses.asdict(spec), name="detector", storage_path=storage)
-        out = atomic_write_bytes(run.path / "detector.safetensors", (Path(final) / "model.safetensors").read_bytes())
-        return {str(out): None}
+        ckpts = lay.train_dir / "ckpt"
+        fresh_storage(ckpts, config_hash({"spec": config, "inputs": inputs}))
+        if not any(p.name == "model.safetensors" for p in ckpts.rglob("*")):  # a new run, not a resumed one:
+            storage.remove(lay.train_metrics)  # start its log afresh
+        final = trainer(dataclasses.asdict(spec), name="detector", storage_path=str(ckpts))
+        out = atomic_write_bytes(lay.detector, (Path(final) / "model.safetensors").read_bytes())
+        return {out: None}
 
-    return run.run_stage("train", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(TransferLayout.TRAIN, work, config=config, inputs=inputs, force=force)
 
 
 def _figures(cfg: TransferConfig, run: RunDir, model, db: RoiDB, result: dict, device, settings: dict) -> list[Path]:
-    figs = run.path / "figures"
+    figs = TransferLayout(run.path).figures
     out = [pr_curves(result["curves"], result["ap"], figs / "pr_curves.png")]
     n = min(cfg.test.figure_images, len(db))
     if n:
@@ -148,11 +151,13 @@ def test_stage(cfg: TransferConfig, run: RunDir, *, device, init: str, ckpt: str
     settings = {"scale_px": cfg.train.scale_px, "max_size_px": cfg.train.max_size_px, "nms_iou": t.nms_iou,
                 "score_thresh": t.score_thresh, "max_per_image": t.max_per_image}
     config = {**settings, "figure_images": t.figure_images}
-    inputs = {"data": run.outputs_fingerprint("data"), "detector": run.outputs_fingerprint("train")}
+    inputs = {"data": run.outputs_fingerprint(TransferLayout.DATA),
+              "detector": run.outputs_fingerprint(TransferLayout.TRAIN)}
+    lay = TransferLayout(run.path)
 
     def work():
-        db = read_roidb(run.path / "data" / "test.npz")
-        model = load_detector(run.path / "detector.safetensors", device)
+        db = read_roidb(lay.roidb("test"))
+        model = load_detector(lay.detector, device)
         dets, forward_s = detect_all(model, db, device=device, loader_workers=cfg.train.loader_workers, **settings)
         t0 = time.perf_counter()
         result = evaluate_detections(dets, db.ground_truth(), VOC_CLASSES)
@@ -163,14 +168,14 @@ def test_stage(cfg: TransferConfig, run: RunDir, *, device, init: str, ckpt: str
         # a class without positives has no AP: null in JSON (NaN is not JSON)
         ap = {k: (None if np.isnan(v) else v) for k, v in result["ap"].items()}
         record = {"map": result["map"], "ap": ap, "npos": result["npos"], "init": init,
-                  "ckpt": os.path.abspath(ckpt) if ckpt else "", "iterations": cfg.train.iterations,
+                  "ckpt": str(storage.absolute(ckpt)) if ckpt else "", "iterations": cfg.train.iterations,
                   "timing": timing}
         header = (f"# VOC07 detection ({init} init{', ' + ckpt if ckpt else ''})\n\n"
                   f"{len(db)} test images, {cfg.train.iterations} iterations; "
                   f"test {timing['test_images_per_s']} img/s, evaluation {eval_s:.3f} s\n\n")
-        out = [atomic_write_json(run.path / "results.json", record),
-               atomic_write_text(run.path / "results.md", header + format_table(result) + "\n")]
+        out = [atomic_write_json(lay.results, record),
+               atomic_write_text(lay.results_md, header + format_table(result) + "\n")]
         out += _figures(cfg, run, model, db, result, device, settings)
-        return {str(p): None for p in out}
+        return {p: None for p in out}
 
-    return run.run_stage("test", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(TransferLayout.TEST, work, config=config, inputs=inputs, force=force)

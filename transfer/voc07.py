@@ -28,7 +28,9 @@ from pretrain.models.weights import WeightsError    # noqa: E402
 from infra.rundir import RunDir, RunDirError    # noqa: E402
 from infra.tracking import Tracker    # noqa: E402
 from infra.session import default_device, local_trainer  # noqa: E402
-from infra.storage import atomic_write_text    # noqa: E402
+from infra import storage  # noqa: E402
+from infra.layout import TransferLayout  # noqa: E402
+from infra.storage import StorageError, atomic_write_text  # noqa: E402
 from transfer import stages    # noqa: E402
 from transfer.config import GENERATED, TransferConfig, load_transfer_config    # noqa: E402
 from transfer.engine import train_detector    # noqa: E402
@@ -38,20 +40,22 @@ from transfer.synthetic import make_voc    # noqa: E402
 from transfer.voc import VocError, find_year_dir    # noqa: E402
 
 log = logging.getLogger("transfer.voc07")
-STAGES = ("data", "train", "test")
+STAGES = (TransferLayout.DATA, TransferLayout.TRAIN, TransferLayout.TEST)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="transfer/voc07.py", description=__doc__.split("\n\n")[0],
                                 epilog="config keys: " + ", ".join(valid_keys(TransferConfig)))
-    p.add_argument("--ckpt", default="", help="pretraining weights (final.safetensors); --init random needs none")
+    p.add_argument("--ckpt", default="", help="pretraining weights (final.safetensors), a path or URI such as "
+                   "s3://bucket/runs/demo/final.safetensors; --init random needs none")
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="conv1-5 from --ckpt, or He-normal random (the no-pretraining baseline)")
     p.add_argument("--voc", default=None, help="VOCdevkit folder, or 'generated' (default: data.voc)")
     p.add_argument("--config", default=None, help="experiment YAML (default: transfer/configs/demo.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. train.iterations=500 (repeatable)")
-    p.add_argument("--run-dir", default=None, help="run directory (default: <run.root>/<run.name>-<init>)")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory, a path or bucket URI (default: <run.root>/<run.name>-<init>)")
     p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo data|train|test")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
@@ -94,38 +98,41 @@ def _trainer(cfg: TransferConfig):
     return trainer
 
 
-def run(cfg: TransferConfig, run_dir: Path, *, init: str, ckpt: str, force: list[str]) -> dict:
+def run(cfg: TransferConfig, run_dir, *, init: str, ckpt: str, force: list[str]) -> dict:
     if init == "pretrained" and not ckpt:
         raise WeightsError("--init pretrained needs --ckpt (a final.safetensors); --init random needs none")
+    storage.check_location(run_dir, what="run directory")
     if ckpt:
+        storage.check_location(ckpt, what="--ckpt")
         read_conv_weights(ckpt)  # a wrong checkpoint fails here, before anything is computed
     year_dir = resolve_voc(cfg)
     run = RunDir(run_dir)
     run.lock()
-    atomic_write_text(run.path / "config.yaml", dump_yaml(cfg))
+    lay = TransferLayout(run.path)
+    atomic_write_text(lay.config, dump_yaml(cfg))
     tracker = Tracker(run.path, run_id=run.run_id, run_name=run.path.name, config={**to_dict(cfg), "init": init,
                       "ckpt": ckpt}, wandb_mode=cfg.tracking.wandb, project=cfg.tracking.project,
                       entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s)
     try:
         result = stages.data_stage(cfg, run, year_dir, _ray_map(cfg), force="data" in force)
-        summary = json.loads((run.path / "data" / "summary.json").read_text())
+        summary = json.loads(lay.data_summary.read_text())
         tracker.log({"stage": "data", "skipped": result.skipped,
                      **{f"data/{r}/{k}": v for r, s in summary.items() for k, v in s.items() if k != "split"}})
         trainer = _trainer(cfg)
         result = stages.train_stage(cfg, run, trainer, init=init, ckpt=ckpt, force="train" in force)
         tracker.log({"stage": "train", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
-        metrics = run.path / "train" / "metrics.jsonl"
+        metrics = lay.train_metrics
         if not result.skipped and metrics.is_file():
             for line in metrics.read_text().splitlines():
                 rec = json.loads(line)
                 tracker.log({f"train/{k}": v for k, v in rec.items()}, step=rec["step"])
         result = stages.test_stage(cfg, run, device=default_device(), init=init, ckpt=ckpt, force="test" in force)
-        results = json.loads((run.path / "results.json").read_text())
+        results = json.loads(lay.results.read_text())
         tracker.summary({"map": results["map"], **{f"ap/{k}": v for k, v in results["ap"].items() if v is not None},
                          **{f"timing/{k}": v for k, v in results["timing"].items() if k != "device"}})
-        for png in sorted((run.path / "figures").glob("*.png")):
+        for png in sorted(lay.figures.glob("*.png")):
             tracker.log_image(f"test/{png.stem}", png)
-        print((run.path / "results.md").read_text(), end="")
+        print(lay.results_md.read_text(), end="")
         return results
     finally:
         tracker.finish()
@@ -144,11 +151,13 @@ def main(argv=None) -> int:
         unknown = set(args.force) - set(STAGES)
         if unknown:
             raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
-        run_dir = Path(args.run_dir) if args.run_dir else Path(cfg.run.root) / f"{cfg.run.name}-{args.init}"
-        if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not run_dir.is_absolute():
+        run_dir = storage.to_path(args.run_dir) if args.run_dir else \
+            storage.to_path(cfg.run.root) / f"{cfg.run.name}-{args.init}"
+        if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not storage.is_remote(run_dir) \
+                and not run_dir.is_absolute():
             raise ConfigError(f"on a cluster the run directory must be an absolute shared path, got {run_dir}")
         run(cfg, run_dir, init=args.init, ckpt=args.ckpt, force=args.force)
-    except (ConfigError, WeightsError, VocError, ProposalError, RunDirError) as exc:
+    except (ConfigError, WeightsError, VocError, ProposalError, RunDirError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import shutil
 from dataclasses import fields
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -32,6 +30,8 @@ from pretrain.cluster.kmeans import nearest_members
 from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.clusters import montage, nmi, purity
 from pretrain.figures import save_png
+from infra import layout, storage
+from infra.layout import RunLayout
 from infra.rundir import RunDir, StageResult
 from infra.storage import atomic_write_json, atomic_write_npz
 from shards.shardset import ShardError, patch_key
@@ -65,7 +65,7 @@ def natural_rows(store: PatchStore, pattern: str) -> np.ndarray:
     return rows
 
 
-def write_clusters(path: Path, clusters: Clusters, store: PatchStore, top_m: int) -> np.ndarray:
+def write_clusters(path, clusters: Clusters, store: PatchStore, top_m: int) -> np.ndarray:
     """Writes the cluster file (module docstring); returns the members' labels (-1: none)."""
     meta = store.meta(clusters.member_index)
     keys = np.array([patch_key(m["key"], m["box"]) for m in meta], dtype=np.str_)
@@ -92,10 +92,10 @@ def _step_scores(disc: Discovery, step, store: PatchStore) -> dict:
     return evaluate(clusters, store.labels(clusters.member_index))
 
 
-def _kmeans_clusters(cfg: Config, features: Path, seed: int) -> tuple[Clusters, list[dict]]:
+def _kmeans_clusters(cfg: Config, features, seed: int) -> tuple[Clusters, list[dict]]:
     """cluster.method=kmeans: k-means on all patches of the round's features, cut to kmeans_coverage."""
     c = cfg.cluster
-    x = np.asarray(np.load(features, mmap_mode="r"), np.float32)
+    x = np.asarray(np.load(storage.local_copy(features), mmap_mode="r"), np.float32)
     members, scores, w, b = nearest_members(x, min(c.kmeans_clusters, len(x)), c.kmeans_coverage, seed=seed,
                                             niter=c.kmeans_iters, init=c.kmeans_init)
     keep = [i for i, m in enumerate(members) if len(m) >= c.min_members]
@@ -107,20 +107,20 @@ def _kmeans_clusters(cfg: Config, features: Path, seed: int) -> tuple[Clusters, 
                        "mean_members": float(np.diff(clusters.offsets).mean())}]
 
 
-def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable, *, round_: int = 0,
-                  features_stage: str = "features", start_stage: str | None = None,
+def cluster_stage(cfg: Config, run: RunDir, shards_root, mapper: Callable, *, round_: int = 0,
+                  features_stage: str = layout.FEATURES, start_stage: str | None = None,
                   force: bool = False) -> StageResult:
     """Stage 2 for one round: discriminative clustering of `features/roundR.npy`. With `start_stage`
     (a later round of the alternation), the discovery starts from that stage's clusters, not k-means."""
-    name = f"cluster_round{round_}"
-    features = run.path / "features" / f"round{round_}.npy"
+    name, lay = layout.cluster_stage(round_), RunLayout(run.path)
+    features = lay.features(round_)
     # resources and figures do not change the clusters: changing them must not redo hours of work
     config = {k: v for k, v in to_dict(cfg.cluster).items() if k not in NOT_HASHED} | {"seed": cfg.run.seed,
                                                                                        "round": round_}
     inputs = {"features": run.outputs_fingerprint(features_stage)}
     if start_stage:
         inputs["start"] = run.outputs_fingerprint(start_stage)
-    out = run.path / "clusters" / f"round{round_}.npz"
+    out, summary_path, work_dir = lay.clusters(round_), lay.cluster_summary(round_), lay.cluster_work(round_)
 
     def work():
         params = discovery_params(cfg, round_)
@@ -133,9 +133,9 @@ def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable,
             natural = natural_rows(store, cfg.cluster.natural_world) if cfg.cluster.natural_world else None
             start = None
             if start_stage:
-                with np.load(run.path / "clusters" / f"round{round_ - 1}.npz", allow_pickle=False) as z:
+                with np.load(storage.local_copy(lay.clusters(round_ - 1)), allow_pickle=False) as z:
                     start = np.split(z["member_index"], z["offsets"][1:-1])
-            disc = Discovery(features, out.with_suffix(".work"), params, mapper, key=key, natural_rows=natural,
+            disc = Discovery(features, work_dir, params, mapper, key=key, natural_rows=natural,
                              start=start)
             clusters = disc.run()
             steps = disc.history
@@ -152,17 +152,17 @@ def cluster_stage(cfg: Config, run: RunDir, shards_root: Path, mapper: Callable,
                    "members_per_cluster": {"mean": float(sizes.mean()), "min": int(sizes.min()),
                                            "max": int(sizes.max())},
                    "patches": len(store), "steps": steps, **scores}
-        atomic_write_json(out.with_suffix(".json"), summary)
+        atomic_write_json(summary_path, summary)
         try:
             fig = montage(store.get, clusters.members(), cfg.cluster.montage_clusters, cfg.cluster.montage_members)
-            save_png(run.path / "figures" / f"clusters_round{round_}.png", fig)
+            save_png(lay.figure(f"clusters_round{round_}"), fig)
         except ShardError as exc:  # a figure never stops a run
             log.warning("cluster montage skipped: %s", exc)
         log.info("clusters round %d: %d clusters, %d members (coverage %.2f)%s", round_, len(clusters), sizes.sum(),
                  summary["coverage"],
                  f", purity {summary['purity']:.3f}, NMI {summary['nmi']:.3f}" if "purity" in summary else "")
-        return {str(out): None, str(out.with_suffix(".json")): None}
+        return {out: None, summary_path: None}
 
     result = run.run_stage(name, work, config=config, inputs=inputs, force=force)
-    shutil.rmtree(out.with_suffix(".work"), ignore_errors=True)  # recorded: the resume state is done with
+    storage.rmtree(work_dir)  # recorded: the resume state is done with
     return result

@@ -12,7 +12,6 @@ table is skipped and the figures are drawn without correctness borders.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +19,8 @@ from pretrain.config import Config, to_dict
 from pretrain.eval.attributes import bit_extremes, pick_bits, retrieval_grid
 from pretrain.eval.retrieval import HammingIndex, baseline_codes, code_stats, evaluate_retrieval, retrieval_table
 from pretrain.figures import save_png
+from infra import layout, storage
+from infra.layout import RunLayout
 from infra.rundir import RunDir, StageResult
 from infra.storage import atomic_write_json, atomic_write_text
 from shards.store import PatchStore
@@ -28,10 +29,10 @@ log = logging.getLogger(__name__)
 GRID_TOP = 8
 
 
-def baseline_input(store: PatchStore, rows: np.ndarray, kind: str, features: Path) -> np.ndarray:
+def baseline_input(store: PatchStore, rows: np.ndarray, kind: str, features) -> np.ndarray:
     """(n, d) float32 inputs of the baselines: gray pixels flattened, or the round-0 init features."""
     if kind == "features":
-        return np.asarray(np.load(features, mmap_mode="r")[rows], np.float32)
+        return np.asarray(np.load(storage.local_copy(features), mmap_mode="r")[rows], np.float32)
     gray = store.get(rows).astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     return gray.reshape(len(rows), -1) / 255.0
 
@@ -39,8 +40,9 @@ def baseline_input(store: PatchStore, rows: np.ndarray, kind: str, features: Pat
 def _retrieval(cfg: Config, run: RunDir, store: PatchStore, labels: np.ndarray, bits: tuple[int, ...]) -> dict:
     e, seed = cfg.eval, cfg.run.seed
     rows = np.flatnonzero(labels >= 0)
-    x = baseline_input(store, rows, e.baseline_input, run.path / "features" / "round0.npy")
-    packed = {("ours", k): np.load(run.path / "hash" / f"k{k}" / "codes.npy")[rows] for k in bits}
+    lay = RunLayout(run.path)
+    x = baseline_input(store, rows, e.baseline_input, lay.features(0))
+    packed = {("ours", k): np.load(storage.local_copy(lay.codes(k)), mmap_mode="r")[rows] for k in bits}
     found, skipped = baseline_codes(x, bits, seed=seed)
     packed |= found
     for row in skipped:  # e.g. more bits than input dimensions
@@ -65,11 +67,12 @@ def _grid(cfg: Config, store: PatchStore, labels: np.ndarray, found: dict, k: in
     return image  # rows per query: ours, then LSH, PCAH, ITQ, SH (those that ran)
 
 
-def eval_stage(cfg: Config, run: RunDir, shards_root: Path, force: bool = False) -> StageResult:
+def eval_stage(cfg: Config, run: RunDir, shards_root, force: bool = False) -> StageResult:
     bits = cfg.hash.all_bits
-    inputs = {f"hash_k{k}": run.outputs_fingerprint(f"hash_k{k}") for k in bits}
+    inputs = {layout.hash_stage(k): run.outputs_fingerprint(layout.hash_stage(k)) for k in bits}
     config = to_dict(cfg.eval) | {"bits": list(bits), "seed": cfg.run.seed}
-    out, figs = run.path / "eval", run.path / "figures"
+    lay = RunLayout(run.path)
+    out = lay.eval_dir
 
     def work():
         store = PatchStore(shards_root)
@@ -77,22 +80,22 @@ def eval_stage(cfg: Config, run: RunDir, shards_root: Path, force: bool = False)
         produced = {}
         stats = {}
         for k in bits:
-            scores = np.load(run.path / "hash" / f"k{k}" / "scores.npy").astype(np.float32)
+            scores = np.load(storage.local_copy(lay.scores(k))).astype(np.float32)
             stats[k] = code_stats((scores > 0).astype(np.uint8))
             fig = bit_extremes(scores, store.get, pick_bits(scores, cfg.eval.figure_bits))
-            produced[str(save_png(figs / f"attributes_k{k}.png", fig))] = None
+            produced[save_png(lay.figure(f"attributes_k{k}"), fig)] = None
         atomic_write_json(out / "codes.json", {str(k): v for k, v in stats.items()})
-        produced[str(out / "codes.json")] = None
+        produced[out / "codes.json"] = None
         if (labels >= 0).any():
             found = _retrieval(cfg, run, store, labels, bits)
-            atomic_write_json(out / "retrieval.json", {"protocol": config, "results": found["rows"]})
+            atomic_write_json(lay.retrieval, {"protocol": config, "results": found["rows"]})
             atomic_write_text(out / "retrieval.md", retrieval_table(found["rows"]) + "\n")
-            produced |= {str(out / "retrieval.json"): None, str(out / "retrieval.md"): None}
+            produced |= {lay.retrieval: None, out / "retrieval.md": None}
             for k in bits:
-                produced[str(save_png(figs / f"retrieval_k{k}.png", _grid(cfg, store, labels, found, k)))] = None
+                produced[save_png(lay.figure(f"retrieval_k{k}"), _grid(cfg, store, labels, found, k))] = None
             log.info("retrieval (Hamming ranking):\n%s", retrieval_table(found["rows"]))
         else:
             log.info("no labels in these shards: retrieval mAP skipped (figures and code statistics only)")
         return produced
 
-    return run.run_stage("eval", work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.EVAL, work, config=config, inputs=inputs, force=force)

@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from infra import storage
 from infra.session import Session
 from pretrain.models.weights import load_weights, save_weights
 
@@ -38,12 +39,10 @@ def step_seed(seed: int, rank: int, step: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(1)[0])
 
 
-def log_metrics(path: Path, record: dict, rank: int) -> None:
-    """Appends one JSON line to a run's metrics.jsonl, on rank 0 only."""
+def log_metrics(path, record: dict, rank: int) -> None:
+    """Appends one JSON line to a run's metrics.jsonl (a path or URI), on rank 0 only."""
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        storage.append_line(path, json.dumps(record))
 
 
 def report_checkpoint(session: Session, metrics: dict, step: int, save: Callable[[], Path]) -> None:

@@ -38,6 +38,7 @@ from pretrain.train.augment import augment
 from pretrain.train.data import ClusterBatches, batch_loader
 from pretrain.train.losses import hash_objective
 from pretrain.train.similar import SkipPairs
+from infra import storage
 from infra.session import Session
 from pretrain.models.checkpoint import log_metrics, read_checkpoint, report_checkpoint, step_seed, write_checkpoint
 
@@ -108,7 +109,7 @@ def build_net(spec: TrainSpec, num_clusters: int) -> Net:
         return Net(trunk, ClusterHead(trunk.feature_dim, num_clusters))
     head = HashHead(trunk.feature_dim, spec.bits)
     if spec.hash_init:
-        with np.load(spec.hash_init, allow_pickle=False) as z:
+        with np.load(storage.local_copy(spec.hash_init), allow_pickle=False) as z:
             head.init_from(torch.from_numpy(z["mean"]), torch.from_numpy(z["proj"]))
         # the eval-mode mean of all patches that PCA+ITQ was fitted with, not one of augmented members
         head.track_mean = not spec.freeze_bn
@@ -209,7 +210,7 @@ def train_worker(config: dict, session: Session) -> dict:
     spec = TrainSpec(**config)
     device = session.device
     torch.manual_seed(spec.seed + session.rank)
-    offsets = np.load(spec.clusters_path, allow_pickle=False)["offsets"]
+    offsets = np.load(storage.local_copy(spec.clusters_path), allow_pickle=False)["offsets"]
     net = build_net(spec, len(offsets) - 1).to(device)
     opt = _optimizer(net, spec)
     start = _resume(net, opt, session.latest_checkpoint())
@@ -220,9 +221,9 @@ def train_worker(config: dict, session: Session) -> dict:
     gen = torch.Generator()
     skip = None
     if spec.skip_pairs:
-        with np.load(spec.skip_pairs, allow_pickle=False) as z:
+        with np.load(storage.local_copy(spec.skip_pairs), allow_pickle=False) as z:
             skip = SkipPairs(z["pairs"], len(offsets) - 1, device)
-    log = Path(spec.out_dir) / "metrics.jsonl"
+    log = storage.to_path(spec.out_dir) / "metrics.jsonl"
     bar = tqdm(total=spec.steps, initial=start, desc=f"train {spec.mode}", unit="step",
                disable=session.rank != 0 or not spec.progress, mininterval=5)
     metrics, t0, seen = {"step": start}, time.perf_counter(), 0

@@ -22,6 +22,8 @@ import numpy as np
 from pretrain.config import Config, config_hash, to_dict
 from pretrain.eval.hashing_baselines import fit_itq
 from pretrain.features.cnn import cnn_features
+from infra import layout, storage
+from infra.layout import RunLayout, ray_storage_of
 from infra.rundir import RunDir, StageResult
 from pretrain.train.data import write_member_pixels
 from pretrain.train.export import export_final, set_feature_mean, write_codes
@@ -46,23 +48,39 @@ def round_steps(members: int, views: int, epochs: float, batch: int, workers: in
     return min(steps, cap) if cap else steps
 
 
-def ensure_member_pixels(shards_root: Path, clusters: Path, out: Path) -> Path:
-    """`out` (members.npy) for this cluster file and these shards, reused when its stamp matches."""
+def member_count(clusters) -> int:
+    """Members in a cluster file (rows of its members.npy), without reading the members."""
+    with np.load(storage.local_copy(clusters), allow_pickle=False) as z:
+        return int(z["offsets"][-1])
+
+
+def ensure_member_pixels(shards_root, clusters, out):
+    """`out` (members.npy, a path or URI) for this cluster file and these shards, reused when its stamp
+    matches."""
+    out = storage.to_path(out)
     stamp = out.with_name(out.name + ".key")
-    key = config_hash({"clusters": sha256_file(clusters), "shards": sha256_file(Path(shards_root) / SHARDS_JSON)})
-    if out.is_file() and stamp.is_file() and stamp.read_text() == key:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_member_pixels(shards_root, np.load(clusters, allow_pickle=False)["member_index"], out)
+    key = config_hash({"clusters": sha256_file(clusters),
+                       "shards": sha256_file(storage.to_path(shards_root) / SHARDS_JSON)})
+    try:
+        if stamp.read_text() == key and storage.size_of(out) is not None:
+            return out
+    except FileNotFoundError:
+        pass
+    storage.makedirs(out.parent)
+    with np.load(storage.local_copy(clusters), allow_pickle=False) as z:
+        member_index = z["member_index"]
+    write_member_pixels(shards_root, member_index, out)
     atomic_write_text(stamp, key)
     return out
 
 
-def fit(trainer: Callable, spec: TrainSpec, inputs: dict, storage: Path, name: str, out: Path) -> Path:
+def fit(trainer: Callable, spec: TrainSpec, inputs: dict, ray_storage, name: str, out):
+    """Runs (or resumes) one training run with checkpoints under `ray_storage` (a path or URI) and
+    copies its final weights to `out`."""
     # the key holds the stage's input fingerprints too: new clusters at the same paths are another run
     same_run = {k: v for k, v in dataclasses.asdict(spec).items() if k not in RESUMABLE_CHANGES}
-    fresh_storage(storage, config_hash({"spec": same_run, "inputs": inputs}))
-    final = trainer(dataclasses.asdict(spec), name=name, storage_path=storage)
+    fresh_storage(ray_storage, config_hash({"spec": same_run, "inputs": inputs}))
+    final = trainer(dataclasses.asdict(spec), name=name, storage_path=str(ray_storage))
     atomic_write_bytes(out, (Path(final) / "model.safetensors").read_bytes())
     return out
 
@@ -75,7 +93,7 @@ def spec_common(cfg: Config) -> dict:
                 checkpoint_every=t.checkpoint_every, loader_workers=t.loader_workers, amp=t.amp, seed=cfg.run.seed)
 
 
-def itq_init(shards_root: Path, model: Path, bits: int, *, fit_patches: int, seed: int, out: Path) -> Path:
+def itq_init(shards_root, model, bits: int, *, fit_patches: int, seed: int, out):
     """W's start (paper sec. 3.2: the projection of [37]; our stand-in is PCA+ITQ) on the trunk's
     features of a seeded sample of all patches -> npz with mean (d,) and proj (d, K). All patches, not
     only the cluster members: the codes are for every patch, and on digits ITQ fitted on the ~15% of
@@ -88,22 +106,21 @@ def itq_init(shards_root: Path, model: Path, bits: int, *, fit_patches: int, see
     return out
 
 
-def skip_pairs(pixels: Path, clusters: Path, model: Path, init: Path | None, threshold: float, *, seed: int,
-               out: Path, per_cluster: int = 64) -> Path:
+def skip_pairs(pixels, clusters, model, init, threshold: float, *, seed: int, out, per_cluster: int = 64):
     """The near-duplicate cluster pairs (pretrain/train/similar.py): the cosine >= threshold of their mean
     fc7 features under `model`, centred by W's starting mean (`init`, PCA+ITQ's npz) or else by the
     sample's mean, over a seeded sample of at most `per_cluster` members of each cluster -> npz with
     pairs (P, 2) int64 and cos (P,) float32."""
-    with np.load(clusters, allow_pickle=False) as z:
+    with np.load(storage.local_copy(clusters), allow_pickle=False) as z:
         offsets = z["offsets"]
     rng = np.random.default_rng(seed)
     rows = np.concatenate([rng.permutation(np.arange(lo, hi))[:per_cluster] for lo, hi in zip(offsets[:-1], offsets[1:])])
     rows = np.sort(rows)
     cluster = np.searchsorted(offsets, rows, side="right") - 1
-    feats = cnn_features(np.load(pixels, mmap_mode="r")[rows], model_path=str(model), model_sha256=sha256_file(model),
+    feats = cnn_features(np.load(storage.local_copy(pixels), mmap_mode="r")[rows], model_path=str(model), model_sha256=sha256_file(model),
                          layer="fc7")
-    if init is not None and Path(init).is_file():
-        with np.load(init, allow_pickle=False) as z:
+    if init is not None and storage.size_of(init) is not None:
+        with np.load(storage.local_copy(init), allow_pickle=False) as z:
             feats -= z["mean"]
     else:
         feats -= feats.mean(0)
@@ -112,30 +129,29 @@ def skip_pairs(pixels: Path, clusters: Path, model: Path, init: Path | None, thr
     return out
 
 
-def hash_stage(cfg: Config, run: RunDir, shards_root: Path, bits: int, trainer: Callable, mapper: Callable,
+def hash_stage(cfg: Config, run: RunDir, shards_root, bits: int, trainer: Callable, mapper: Callable,
                force: bool = False, variant: str = "") -> StageResult:
     """Stage 4 for K = `bits`: triplet hashing fine-tune of the last round's trunk, then W's feature mean
     re-estimated in eval mode over all patches, then the codes of every patch. For K = hash.code_bits
     also final.safetensors and codes.npy in the run directory (not for a `variant`, which names a
     differently configured objective kept beside the main one: stage hash_<variant>_kK)."""
     last = cfg.train.rounds - 1
-    inputs = {"clusters": run.outputs_fingerprint(f"cluster_round{last}"),
-              "model": run.outputs_fingerprint(f"train_round{last}")}
+    inputs = {"clusters": run.outputs_fingerprint(layout.cluster_stage(last)),
+              "model": run.outputs_fingerprint(layout.train_stage(last))}
     h = cfg.hash
     config = {k: v for k, v in to_dict(h).items() if k not in ("code_bits", "extra_bits")}
     final = bits == h.code_bits and not variant
     config |= {"bits": bits, "seed": cfg.run.seed, "final": final}
-    d = run.path / "hash" / variant / f"k{bits}" if variant else run.path / "hash" / f"k{bits}"
-    clusters = run.path / "clusters" / f"round{last}.npz"
-    trunk = run.path / "train" / f"round{last}" / "model.safetensors"
+    lay = RunLayout(run.path)
+    d, clusters, trunk = lay.hash_dir(bits, variant), lay.clusters(last), lay.model(last)
 
     def work():
-        pixels = ensure_member_pixels(shards_root, clusters, run.path / "train" / f"round{last}" / "members.npy")
+        pixels = ensure_member_pixels(shards_root, clusters, lay.members(last))
         init = itq_init(shards_root, trunk, bits, fit_patches=cfg.train.feature_fit_patches, seed=cfg.run.seed,
                         out=d / "init.npz") if h.init == "itq" else ""
         skip = skip_pairs(pixels, clusters, trunk, d / "init.npz", h.skip_similar, seed=cfg.run.seed,
                           out=d / "similar.npz") if h.skip_similar > 0 else ""
-        steps = round_steps(len(np.load(pixels, mmap_mode="r")), h.views_per_member, h.epochs,
+        steps = round_steps(member_count(clusters), h.views_per_member, h.epochs,
                             h.batch_size_per_worker, cfg.train.num_workers, h.max_steps)
         spec = TrainSpec(mode="hash", pixels_path=str(pixels), clusters_path=str(clusters), out_dir=str(d),
                          init_from=str(trunk), steps=steps, batch_size_per_worker=h.batch_size_per_worker, lr=h.lr,
@@ -144,15 +160,14 @@ def hash_stage(cfg: Config, run: RunDir, shards_root: Path, bits: int, trainer: 
                          negatives=h.negatives, skip_pairs=str(skip), freeze_bn=h.freeze_bn,
                          **spec_common(cfg))
         name = f"{variant}-k{bits}" if variant else f"k{bits}"
-        model = fit(trainer, spec, inputs, d / "ray", name, d / "model.safetensors")
+        model = fit(trainer, spec, inputs, ray_storage_of(d), name, d / "model.safetensors")
         set_feature_mean(shards_root, model, mapper)
         codes = write_codes(shards_root, model, d, mapper)
-        produced = {str(model): None, **{str(p): None for p in codes}}
+        produced = {model: None, **{p: None for p in codes}}
         if final:
-            produced[str(export_final(model, to_dict(cfg), run.path / "final.safetensors"))] = None
-            atomic_write_bytes(run.path / "codes.npy", (d / "codes.npy").read_bytes())
-            produced[str(run.path / "codes.npy")] = None
+            produced[export_final(model, to_dict(cfg), lay.final)] = None
+            atomic_write_bytes(lay.final_codes, storage.to_path(lay.codes(bits)).read_bytes())
+            produced[lay.final_codes] = None
         return produced
 
-    stage = f"hash_{variant}_k{bits}" if variant else f"hash_k{bits}"
-    return run.run_stage(stage, work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.hash_stage(bits, variant), work, config=config, inputs=inputs, force=force)
