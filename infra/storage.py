@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -34,6 +35,9 @@ from urllib.parse import urlparse
 import fsspec
 import numpy as np
 
+# the S3 clients log every credential lookup at INFO: not news for a user
+for _name in ("botocore", "aiobotocore", "s3fs", "boto3"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 # Listings are progress (which parts exist), written by other processes: never serve them from a cache.
 for _proto in ("s3", "gcs", "gs"):
     fsspec.config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
