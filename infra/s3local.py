@@ -60,3 +60,30 @@ def make_bucket(endpoint: str, bucket: str) -> None:
 
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
                  region_name="us-east-1").create_bucket(Bucket=bucket)
+
+
+def main(argv=None) -> int:
+    """`python -m infra.s3local --port 9000 --bucket bucket`: serves until Ctrl-C, printing the exports."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m infra.s3local", description="a local S3 server (moto) for trying "
+                                "discoattr on s3:// URIs")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--bucket", action="append", default=[], help="bucket to create (repeatable)")
+    args = p.parse_args(argv)
+    with s3_server(args.port) as endpoint:
+        for b in args.bucket:
+            make_bucket(endpoint, b)
+        print("S3 server at", endpoint, "- in another shell:", flush=True)
+        for k, v in env(endpoint).items():
+            print(f"export {k}={v}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
