@@ -29,6 +29,7 @@ from pretrain.config import ConfigError, load_config  # noqa: E402
 from pretrain.eval import ablation as ab  # noqa: E402
 from pretrain.features.cnn import cnn_features  # noqa: E402
 from pretrain.features.fisher import FisherEncoder  # noqa: E402
+from infra.layout import RunLayout  # noqa: E402
 from infra.rundir import RunDir  # noqa: E402
 from pretrain.run import run as run_pipeline, task_map_for, trainer_for  # noqa: E402
 from pretrain.train.stage import hash_stage  # noqa: E402
@@ -40,15 +41,15 @@ PRINTED = "printed_eq2"
 
 
 def _summary(run: Path, last: int) -> dict:
-    return json.loads((run / "clusters" / f"round{last}.json").read_text())
+    return json.loads(RunLayout(run).cluster_summary(last).read_text())
 
 
 def _reports(run: Path) -> list[dict]:
-    return json.loads((run / "rounds.json").read_text())["rounds"]
+    return json.loads(RunLayout(run).rounds.read_text())["rounds"]
 
 
 def _scores_of_run(run: Path, bits) -> dict[int, dict]:
-    rows = json.loads((run / "eval" / "retrieval.json").read_text())["results"]
+    rows = json.loads(RunLayout(run).retrieval.read_text())["results"]
     return {r["bits"]: r for r in rows if r["method"] == "ours" and r["bits"] in bits}
 
 
@@ -82,16 +83,17 @@ def one_seed(cfg_path: str, sets: list[str], seed: int, root: Path) -> tuple[lis
     n_fit = cfg.train.feature_fit_patches
     pick = np.sort(np.random.default_rng(seed).permutation(len(shards))[:n_fit])  # itq_init's own sample
     patches = shards.get(np.arange(len(shards)))
-    trunk = ours / "train" / f"round{last}" / "model.safetensors"
+    lay = RunLayout(ours)
+    trunk = lay.model(last)
     fc7 = cnn_features(patches, model_path=str(trunk), model_sha256=sha256_file(trunk), layer="fc7")
-    enc = FisherEncoder.load(ours / "features" / "encoder.npz")
+    enc = FisherEncoder.load(lay.encoder(0))
     raw = ab.init_descriptors(patches, enc)
     itq = {name: ab.itq_scores(x[pick], x[rows_l], labels, bits, seed=seed, **protocol)
            for name, x in (("fc7", fc7), ("init", raw))}
-    printed_codes = {k: np.load(ours / "hash" / PRINTED / f"k{k}" / "codes.npy")[rows_l] for k in bits}
+    printed_codes = {k: np.load(lay.codes(k, PRINTED))[rows_l] for k in bits}
     n = e.precision_at[0]
     k, cov = summary["clusters"], min(1.0, summary["coverage"])
-    init_feats = np.load(ours / "features" / "round0.npy")
+    init_feats = np.load(lay.features(0))
     rows = [
         ab.row("ours", _scores_of_run(ours, bits), summary.get("purity"), n),
         ab.row("k-means+CNN", _scores_of_run(kmeans_cnn, bits), _summary(kmeans_cnn, last).get("purity"), n),
@@ -100,7 +102,7 @@ def one_seed(cfg_path: str, sets: list[str], seed: int, root: Path) -> tuple[lis
         ab.row("PCA+ITQ on fc7", itq["fc7"], None, n),
         ab.row("printed Eq. 2", ab.code_scores(printed_codes, labels, seed=seed, **protocol), None, n),
     ]
-    last_feats = np.load(ours / "features" / f"round{last}.npy")
+    last_feats = np.load(lay.features(last))
     core = [h for h in summary["steps"] if h["step"] == cfg.cluster.rounds + 1][0]  # merged, before coverage
     purity = {"coverage": cov, "clusters": k, "discovered (ours)": summary.get("purity"),
               "k-means, init features": rows[2]["purity"],
