@@ -17,14 +17,15 @@
             member scores instead, top-n rule only; clusters ranked by their best members' scores
 
 All SVM work runs in blocks of clusters through `mapper` (Ray tasks in the driver, in-process in
-tests); a task gets paths and index lists, reads the features memmap itself and returns small arrays.
-After every step the state is saved in `work_dir`, so a killed run resumes at the step it was in.
+tests); a task gets paths and index lists, reads the features memmap itself (a bucket URI through its
+node's cache, `infra.storage.local_copy`) and returns small arrays. After every step the state is saved
+in `work_dir` (a path or a URI), so a killed run resumes at the step it was in.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +36,9 @@ from pretrain.cluster.cover import assign, cover_chunk, merge_chunks
 from pretrain.cluster.kmeans import kmeans
 from pretrain.cluster.merge import merge_clusters
 from pretrain.cluster.svm import fire, train_svms
-from infra.storage import atomic_write_json, atomic_write_npz
+from infra import storage
+from infra.storage import atomic_write_json, atomic_write_npz, local_copy
+from pretrain.parts import npy_shape
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +106,13 @@ class Clusters:
         return np.split(self.member_score, self.offsets[1:-1])
 
     def save(self, path: Path, meta: dict | list | None = None) -> None:
-        """Atomically, as .npz; `meta` (JSON-able) rides along as text."""
+        """Atomically, as .npz (a path or a URI); `meta` (JSON-able) rides along as text."""
         arrays = {k: v for k, v in asdict(self).items() if v is not None}
         atomic_write_npz(path, **arrays, meta_json=np.array(json.dumps(meta)))
 
     @classmethod
     def load(cls, path: Path) -> tuple["Clusters", dict | list | None]:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(io.BytesIO(storage.to_path(path).read_bytes()), allow_pickle=False) as z:
             meta = json.loads(str(z["meta_json"])) if "meta_json" in z.files else None
             return cls(**{k: z[k] for k in z.files if k != "meta_json"}), meta
 
@@ -129,10 +132,20 @@ def split_sets(n: int, natural_fraction: float, seed: int, natural_rows: np.ndar
     return {k: np.sort(v) for k, v in halves.items()}
 
 
+def _features(features: str) -> np.ndarray:
+    """The features memmap; a URI through this node's cache (fetched once per node)."""
+    return np.load(local_copy(features), mmap_mode="r")
+
+
+def _split(split: str):
+    return np.load(local_copy(split), allow_pickle=False)
+
+
 def kmeans_task(features: str, split: str, k: int, niter: int, init: str, seed: int) -> np.ndarray:
     """k-means labels of D1 (one task: at scale it wants a GPU node)."""
-    d1 = np.load(split)["D1"]
-    x = np.asarray(np.load(features, mmap_mode="r")[d1], np.float32)
+    with _split(split) as z:
+        d1 = z["D1"]
+    x = np.asarray(_features(features)[d1], np.float32)
     return kmeans(x, k, niter=niter, init=init, seed=seed)[1]
 
 
@@ -141,8 +154,9 @@ def block_task(spec: dict) -> dict:
     spec: features, split (paths), members (flat, offsets) or weights/bias, negatives (split keys, or
     "members": the rows in `negative_rows`, each cluster's own members left out), svm (train_svms
     arguments), fire: {name: (split keys, top_k)} -> name_index, name_score (C, k)."""
-    feats = np.load(spec["features"], mmap_mode="r")
-    sets = np.load(spec["split"])
+    feats = _features(spec["features"])
+    with _split(spec["split"]) as z:
+        sets = dict(z)
     out: dict = {}
     if "members" in spec:
         flat, offsets = spec["members"]
@@ -165,30 +179,43 @@ def block_task(spec: dict) -> dict:
 def cover_task(features: str, rows: np.ndarray, weights: np.ndarray, bias: np.ndarray, top_n: int,
                device: str) -> dict:
     """Coverage scores of the patches `rows` (sorted) against every cluster (pretrain/cluster/cover.py)."""
-    return cover_chunk(np.load(features, mmap_mode="r"), rows, weights, bias, top_n, device=device)
+    return cover_chunk(_features(features), rows, weights, bias, top_n, device=device)
+
+
+def member_means_task(features: str, member_index: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(C, d) float32: each cluster's mean member feature, L2-normalised (a cosine scorer)."""
+    feats = _features(features)
+    means = np.stack([np.asarray(feats[np.sort(m)], np.float32).mean(0)
+                      for m in np.split(member_index, offsets[1:-1])])
+    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 
 
 class Discovery:
     """Runs the loop for one features file; `run()` returns the final ranked Clusters.
 
     `start`: member rows per cluster of the previous round (the alternation's refinement) instead of
-    a k-means start."""
+    a k-means start.
+
+    `features` and `work_dir` are local paths or bucket URIs: the driver reads only the features'
+    header, the tasks read the features themselves (a URI through their node's cache)."""
 
     def __init__(self, features: Path, work_dir: Path, params: DiscoveryParams, mapper: Callable, key: str,
                  natural_rows: np.ndarray | None = None, start: list[np.ndarray] | None = None):
-        self.features, self.work, self.p, self.mapper = Path(features), Path(work_dir), params, mapper
+        self.features, self.work = storage.absolute(features), storage.absolute(work_dir)
+        self.p, self.mapper = params, mapper
         self.start = start
         self.separate_natural = natural_rows is not None
-        self.n = np.load(self.features, mmap_mode="r").shape[0]
+        self.n = npy_shape(self.features)[0][0]
         stamp = self.work / "key.json"
-        if self.work.exists() and (not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key):
-            shutil.rmtree(self.work)  # state from another config or other features: start over
-        self.work.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file() or json.loads(stamp.read_text()).get("key") != key:
+            storage.rmtree(self.work)  # state from another config or other features: start over
+        storage.makedirs(self.work)
         atomic_write_json(stamp, {"key": key})
         self.split_path = self.work / "split.npz"
         if not self.split_path.is_file():
             atomic_write_npz(self.split_path, **split_sets(self.n, params.natural_fraction, params.seed, natural_rows))
-        self.sets = dict(np.load(self.split_path))
+        with np.load(io.BytesIO(self.split_path.read_bytes()), allow_pickle=False) as z:
+            self.sets = dict(z)
         self.history: list[dict] = []  # saved in each step file, so a resumed run keeps it
         self._svm_stats: list[dict] = []
 
@@ -303,10 +330,10 @@ class Discovery:
                                    weights=clusters.weights[rank], bias=clusters.bias[rank])
 
     def _member_means(self, clusters: Clusters) -> np.ndarray:
-        """(C, d) float32: each cluster's mean member feature, L2-normalised (a cosine scorer)."""
-        feats = np.load(self.features, mmap_mode="r")
-        means = np.stack([np.asarray(feats[np.sort(m)], np.float32).mean(0) for m in clusters.members()])
-        return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        """(C, d) float32: each cluster's mean member feature, L2-normalised (one task reads the features)."""
+        (means,) = self.mapper(member_means_task, [(str(self.features), clusters.member_index, clusters.offsets)],
+                               desc="coverage: member means")
+        return means
 
     def run(self) -> Clusters:
         last = self.p.rounds + 2  # steps: 0 init, 1..rounds, rounds+1 merged and final, rounds+2 covered

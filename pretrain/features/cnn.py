@@ -22,7 +22,8 @@ BATCH = 256
 
 @lru_cache(maxsize=2)
 def _trunk(model_path: str, model_sha256: str):  # the checksum is part of the cache key
-    trunk, _ = load_trunk(model_path, "cuda" if torch.cuda.is_available() else "cpu")
+    # a bucket URI is read through this node's cache, keyed (and checked) by the checksum
+    trunk, _ = load_trunk(model_path, "cuda" if torch.cuda.is_available() else "cpu", sha256=model_sha256)
     return trunk
 
 

@@ -1,46 +1,53 @@
 """Stage 1: init features for every patch, one task per shard through a `mapper`, resumable.
 
-Files in `out_dir` (round 0: the init features; round r > 0: CNN features, `kind="cnn"`):
-  encoder.npz               the fitted encoder (FisherEncoder.save), fitted once on a seeded sample
-                            (round r > 0: encoder_roundR.npz)
-  round0.npy                (total_patches, out_dim) float16; row i is global patch i (roundR.npy)
-  .features-progress.jsonl  one line per shard whose rows are written and flushed:
-                            {"shard": name, "shard_sha256": ..., "encoder_sha256": ...}
-                            (round r > 0: .features-roundR-progress.jsonl)
+Files in `out_dir`, a local path or a bucket URI (round 0: the init features; round r > 0: CNN
+features, `kind="cnn"`, with `roundR` for `round0`):
+  encoder.npz           the fitted encoder (FisherEncoder.save), fitted once on a seeded sample by one
+                        task (round r > 0: encoder_roundR.npz)
+  round0.parts/         while the stage runs: part-000003-<shard sha256[:12]>-<encoder sha256[:12]>.npy,
+                        shard 3's rows (n, out_dim) float16, written by the task that encoded them
+  round0.npy            (total_patches, out_dim) float16; row i is global patch i; assembled from the
+                        parts by one task, after which the parts are removed
+  .round0-done.json     {"key": fingerprint of the shards and the encoder, "features": round0.npy's
+                        record {key, size, sha256}}, written once round0.npy is complete
 
-A shard's rows are trusted only if its progress line names the current encoder and the same shard
-file; a killed run re-encodes just the other shards. `mapper` is `infra.ray_edge.serial_map` or
-`ray_map` (same contract); tasks get paths, not arrays, and read their shard themselves.
+Progress is the listing of round0.parts/: a part is trusted only when its name names the current
+shard file and encoder, so a killed run re-encodes just the other shards. `mapper` is
+`infra.ray_edge.serial_map` or `ray_map` (same contract); tasks get paths, not arrays, read their
+shard themselves, write their own part and return its small record: the driver holds no rows.
 """
 from __future__ import annotations
 
 import inspect
 import json
 import logging
-import os
+import zipfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from numpy.lib.format import open_memmap
 
 from pretrain.features.cnn import cnn_features, fit_cnn_encoder
 from pretrain.features.fisher import FisherEncoder, fisher_vectors, fit_fisher_encoder, whiten
 from pretrain.features.hog import fit_hog_encoder, hog_features
-from infra.storage import atomic_write_text, sha256_file
+from infra import storage
+from infra.storage import atomic_write_json, sha256_file
+from pretrain.parts import assemble, finished, fingerprint, part_name, put_rows, shard_tag
 from shards.store import PatchStore
 
 log = logging.getLogger(__name__)
 
 FIT = {"fv": fit_fisher_encoder, "hog": fit_hog_encoder, "cnn": fit_cnn_encoder}
-ENCODER, FEATURES, PROGRESS = "encoder.npz", "round0.npy", ".features-progress.jsonl"
+ENCODER, FEATURES, PARTS, DONE = "encoder.npz", "round0.npy", "round0.parts", ".round0-done.json"
 
 
-def file_names(round_: int) -> tuple[str, str, str]:
-    """(encoder, features, progress) file names of a round's features."""
+def file_names(round_: int) -> tuple[str, str, str, str]:
+    """(encoder, features, parts directory, done stamp) names of a round's features."""
     if round_ == 0:
-        return ENCODER, FEATURES, PROGRESS
-    return f"encoder_round{round_}.npz", f"round{round_}.npy", f".features-round{round_}-progress.jsonl"
+        return ENCODER, FEATURES, PARTS, DONE
+    return f"encoder_round{round_}.npz", f"round{round_}.npy", f"round{round_}.parts", f".round{round_}-done.json"
+
+
 READ_BATCH = 1024  # patches decoded at a time inside a task: bounds a task's memory on big shards
 
 
@@ -62,16 +69,33 @@ def encode(patches: np.ndarray, enc: FisherEncoder) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def encode_shard(shards_root: str, shard: int, encoder_path: str) -> np.ndarray:
-    """The per-shard task: -> (n_shard, out_dim) float32 features of shard `shard`, in shard order."""
+def encode_rows(shards_root: str, shard: int, encoder_path: str, encoder_sha256: str | None = None) -> np.ndarray:
+    """-> (n_shard, out_dim) float32 features of shard `shard`, in shard order."""
     store = PatchStore(shards_root)
     start, count = int(store.shards.starts[shard]), int(store.shards.counts[shard])
-    enc = FisherEncoder.load(encoder_path)
+    enc = FisherEncoder.load(encoder_path, encoder_sha256)
     out = np.empty((count, enc.out_dim), np.float32)
     for s in range(0, count, READ_BATCH):
         stop = min(s + READ_BATCH, count)
         out[s:stop] = encode(store.get(np.arange(start + s, start + stop)), enc)
     return out
+
+
+def encode_shard(shards_root: str, shard: int, encoder_path: str, encoder_sha256: str, part_path: str) -> dict:
+    """The per-shard task: encodes shard `shard` and writes its rows, float16, as the part file
+    `part_path` -> {"shard", "rows", "dim", and the part's key, size, sha256}."""
+    rows = encode_rows(shards_root, shard, encoder_path, encoder_sha256).astype(np.float16)
+    return {"shard": shard, "rows": int(rows.shape[0]), "dim": int(rows.shape[1]), **put_rows(part_path, rows)}
+
+
+def fit_encoder_task(shards_root: str, encoder_path: str, kind: str, wanted: dict) -> dict:
+    """The fit task: fits the encoder on a seeded sample of `wanted["fit_patches"]` patches and saves it
+    at `encoder_path` -> {"out_dim", and the file's key, size, sha256}."""
+    store = PatchStore(shards_root)
+    rng = np.random.default_rng(wanted["seed"])
+    sample = np.sort(rng.choice(len(store), wanted["fit_patches"], replace=False))  # sorted: sequential reads
+    enc = FIT[kind](store.get(sample), **{k: v for k, v in wanted.items() if k != "fit_patches"})
+    return {"out_dim": enc.out_dim, **enc.save(encoder_path)}
 
 
 def _wanted_settings(kind: str, seed: int, n_fit: int, settings: dict) -> dict:
@@ -90,101 +114,85 @@ def _wanted_settings(kind: str, seed: int, n_fit: int, settings: dict) -> dict:
     return {**defaults, **settings, "seed": seed, "fit_patches": n_fit}
 
 
-def _fitted_encoder(store: PatchStore, path: Path, kind: str, seed: int, n_fit: int,
-                    settings: dict) -> FisherEncoder:
-    """Loads `path` if it was fitted with these settings, else fits on a seeded sample and saves."""
+def _fitted_encoder(shards_root: str, path, kind: str, seed: int, n_fit: int, settings: dict,
+                    mapper: Callable) -> tuple[int, str]:
+    """Reuses `path` if it was fitted with these settings, else fits (one task) -> (out_dim, sha256)."""
     wanted = _wanted_settings(kind, seed, n_fit, settings)
     if path.is_file():
         try:
-            enc = FisherEncoder.load(path)
-            if enc.kind == kind and enc.settings == wanted:
+            got_kind, got_settings, out_dim = FisherEncoder.read_info(path)
+            if got_kind == kind and got_settings == wanted:
                 log.info("reusing encoder %s (same settings)", path)
-                return enc
+                return out_dim, sha256_file(path)
             log.info("encoder %s has other settings; refitting", path)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
             log.warning("encoder %s unreadable (%s); refitting", path, exc)
-    rng = np.random.default_rng(seed)
-    sample = np.sort(rng.choice(len(store), n_fit, replace=False))  # sorted: sequential reads
-    fit_args = {k: v for k, v in wanted.items() if k != "fit_patches"}
-    enc = FIT[kind](store.get(sample), **fit_args)
-    enc.save(path)
-    return enc
+    try:
+        (rec,) = mapper(fit_encoder_task, [(shards_root, str(path), kind, wanted)], desc="features: fit encoder")
+    except ValueError as exc:  # settings the patches cannot take; a Ray task's error carries its `cause`
+        raise ValueError(str(getattr(exc, "cause", None) or exc)) from None
+    return int(rec["out_dim"]), rec["sha256"]
 
 
-def _open_output(path: Path, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
-    """-> (float16 memmap of `shape`, whether it was (re)created and so holds no trusted rows)."""
-    if path.is_file():
-        try:
-            out = open_memmap(path, mode="r+")
-            if out.shape == shape and out.dtype == np.float16:
-                return out, False
-            del out
-        except (OSError, ValueError):
-            pass
-        log.info("%s has another shape or is damaged; starting it afresh", path)
-    return open_memmap(path, mode="w+", dtype=np.float16, shape=shape), True
+def _finished_output(done: dict | None, key: str, features) -> bool:
+    """Whether the assembled features file is the one the done stamp vouches for under `key`."""
+    return (isinstance(done, dict) and done.get("key") == key
+            and storage.size_of(features) == (done.get("features") or {}).get("size"))
 
 
-def _trusted_shards(progress: Path, shard_sha: dict, encoder_sha: str) -> list[dict]:
-    """Progress records that match the current shard files and encoder (a torn last line is skipped)."""
-    kept = []
-    lines = progress.read_text().splitlines() if progress.is_file() else []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if (isinstance(rec, dict) and rec.get("shard") in shard_sha and rec.get("encoder_sha256") == encoder_sha
-                and rec.get("shard_sha256") == shard_sha[rec["shard"]]):
-            kept.append(rec)
-    return kept
+def _read_json(path) -> dict | None:
+    p = storage.to_path(path)
+    try:
+        return json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, ValueError):
+        return None
 
 
 def extract_features(shards_root: str | Path, out_dir: str | Path, *, kind: str, mapper: Callable,
                      fit_sample_patches: int, seed: int, round_: int = 0, **settings) -> dict:
     """Encodes every patch of the shard set at `shards_root` into `out_dir/round0.npy`
-    ((total, out_dim) float16; `roundR.npy` for round_ R), resuming a killed run. `settings` go to
-    fit_fisher_encoder (kind "fv": step_px, bin_px, desc_pca_dim, gmm_components, out_dim),
-    fit_hog_encoder ("hog": cell_px, out_dim) or fit_cnn_encoder ("cnn": model_path, model_sha256,
-    layer, out_dim); all take an optional whiten_reg.
-    -> {"features", "encoder" (paths), "dim", "patches", "encoded_shards" (by this call)}."""
-    shards_root, out_dir = Path(shards_root), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = PatchStore(shards_root)
+    ((total, out_dim) float16; `roundR.npy` for round_ R), resuming a killed run. `out_dir` is a path or
+    a bucket URI. `settings` go to fit_fisher_encoder (kind "fv": step_px, bin_px, desc_pca_dim,
+    gmm_components, out_dim), fit_hog_encoder ("hog": cell_px, out_dim) or fit_cnn_encoder ("cnn":
+    model_path, model_sha256, layer, out_dim); all take an optional whiten_reg.
+    -> {"features", "encoder" (paths or URIs), "dim", "patches", "encoded_shards" (by this call)}."""
+    root, out = str(storage.absolute(shards_root)), storage.absolute(out_dir)
+    storage.makedirs(out)
+    store = PatchStore(root)
     sset = store.shards
     if fit_sample_patches < 2:
         raise ValueError(f"fit_sample_patches must be >= 2, got {fit_sample_patches}")
     n_fit = min(fit_sample_patches, len(store))
-    enc_path, feat_path, progress = (out_dir / name for name in file_names(round_))
-    enc = _fitted_encoder(store, enc_path, kind, seed, n_fit, settings)
-    enc_sha = sha256_file(enc_path)
+    enc_path, feat_path, parts_dir, done_path = (out / name for name in file_names(round_))
+    dim, enc_sha = _fitted_encoder(root, enc_path, kind, seed, n_fit, settings, mapper)
+    result = {"features": str(feat_path), "encoder": str(enc_path), "dim": dim, "patches": len(store),
+              "encoded_shards": 0}
 
-    features, fresh = _open_output(feat_path, (len(store), enc.out_dim))
-    shard_sha = {s["name"]: s.get("sha256") for s in sset.info["shards"]}
-    kept = [] if fresh else _trusted_shards(progress, shard_sha, enc_sha)
-    atomic_write_text(progress, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    done = {r["shard"] for r in kept}
-    todo = [i for i, name in enumerate(sset.names) if name not in done]
-    if done:
-        log.info("resuming features in %s: %d of %d shards already encoded", out_dir, len(done),
-                 len(sset.names))
-
-    def on_result(j: int, rows: np.ndarray) -> None:
-        i = todo[j]
-        start, count = int(sset.starts[i]), int(sset.counts[i])
-        if rows.shape != (count, enc.out_dim):
-            raise RuntimeError(f"shard {sset.names[i]}: task returned {rows.shape}, "
-                               f"expected {(count, enc.out_dim)}")
-        features[start:start + count] = rows
-        features.flush()  # rows on disk before the progress line that vouches for them
-        line = {"shard": sset.names[i], "shard_sha256": shard_sha[sset.names[i]], "encoder_sha256": enc_sha}
-        with open(progress, "a") as f:
-            f.write(json.dumps(line, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
+    tags = [shard_tag(e) for e in sset.info["shards"]]
+    key = fingerprint({"shards": [[n, t, int(c)] for n, t, c in zip(sset.names, tags, sset.counts)],
+                       "encoder_sha256": enc_sha, "dim": dim})
+    if _finished_output(_read_json(done_path), key, feat_path):
+        storage.rmtree(parts_dir)  # a run killed after assembling
+        return result
+    storage.remove(done_path)  # from here on, features_path is not vouched for
+    wanted = {i: part_name(i, tags[i], enc_sha) for i in range(len(sset.names))}
+    have = finished(parts_dir, {i: [n] for i, n in wanted.items()})
+    todo = [i for i in range(len(sset.names)) if i not in have]
+    if have:
+        log.info("resuming features in %s: %d of %d shards already encoded", out, len(have), len(sset.names))
+    records = {}
     if todo:
-        mapper(encode_shard, [(str(shards_root), i, str(enc_path)) for i in todo], desc="features",
-               on_result=on_result)
-    return {"features": str(feat_path), "encoder": str(enc_path), "dim": enc.out_dim,
-            "patches": len(store), "encoded_shards": len(todo)}
+        results = mapper(encode_shard, [(root, i, str(enc_path), enc_sha, str(parts_dir / wanted[i])) for i in todo],
+                         desc="features")
+        for i, rec in zip(todo, results):
+            if (rec["rows"], rec["dim"]) != (int(sset.counts[i]), dim):
+                raise RuntimeError(f"shard {sset.names[i]}: task wrote {(rec['rows'], rec['dim'])} rows, "
+                                   f"expected {(int(sset.counts[i]), dim)}")
+            records[i] = rec
+    parts = [{"key": str(parts_dir / wanted[i]), "start": int(sset.starts[i]), "rows": int(sset.counts[i]),
+              **({"sha256": records[i]["sha256"]} if i in records else {})} for i in range(len(sset.names))]
+    (assembled,) = mapper(assemble, [([{"out": str(feat_path), "shape": [len(store), dim], "dtype": "float16",
+                                        "parts": parts}],)], desc="features: assemble")
+    atomic_write_json(done_path, {"key": key, "features": assembled[0]})
+    storage.rmtree(parts_dir)
+    return result | {"encoded_shards": len(todo)}

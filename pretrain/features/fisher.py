@@ -24,7 +24,7 @@ from sklearn.decomposition import PCA
 from threadpoolctl import ThreadpoolController
 
 from pretrain.features.descriptors import DESC_DIM, frame_grid, local_descriptors, work_array
-from infra.storage import atomic_write_npz
+from infra.storage import local_copy, npz_bytes, open_read, put_part
 
 log = logging.getLogger(__name__)
 
@@ -55,19 +55,35 @@ class FisherEncoder:
     def out_dim(self) -> int:
         return self.white_proj.shape[1]
 
-    def save(self, path: str | Path) -> None:
-        """Writes an `.npz` (atomically) that loads with allow_pickle=False."""
-        atomic_write_npz(path, format=np.array(FORMAT), kind=np.array(self.kind),
-                         settings=np.array(json.dumps(self.settings, sort_keys=True)),
-                         **{name: getattr(self, name) for name in _ARRAYS})
+    def save(self, path: str | Path) -> dict:
+        """Writes an `.npz` (atomically; a path or a bucket URI) that loads with allow_pickle=False
+        -> its record {key, size, sha256}."""
+        return put_part(path, npz_bytes(format=np.array(FORMAT), kind=np.array(self.kind),
+                                        settings=np.array(json.dumps(self.settings, sort_keys=True)),
+                                        **{name: getattr(self, name) for name in _ARRAYS}))
 
     @classmethod
-    def load(cls, path: str | Path) -> "FisherEncoder":
-        with np.load(path, allow_pickle=False) as z:
+    def load(cls, path: str | Path, sha256: str | None = None) -> "FisherEncoder":
+        """A path, or a URI through this node's cache (keyed by `sha256` when given, and checked)."""
+        with np.load(local_copy(path, sha256), allow_pickle=False) as z:
             if "format" not in z or str(z["format"]) != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} encoder file")
             return cls(kind=str(z["kind"]), settings=json.loads(str(z["settings"])),
                        **{name: z[name] for name in _ARRAYS})
+
+    @staticmethod
+    def read_info(path: str | Path) -> tuple[str, dict, int]:
+        """(kind, settings, out_dim) of an encoder file, reading only its small members (a few ranged
+        reads on a bucket, not the whole file)."""
+        with open_read(path, block_size=1 << 16) as f, np.load(f, allow_pickle=False) as z:
+            if "format" not in z.files or str(z["format"]) != FORMAT:
+                raise ValueError(f"{path} is not a {FORMAT} encoder file")
+            with z.zip.open("white_proj.npy") as m:
+                version = np.lib.format.read_magic(m)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape = read(m)[0]
+            return str(z["kind"]), json.loads(str(z["settings"])), int(shape[1])
 
 
 _ARRAYS = ("desc_mean", "desc_components", "gmm_means", "gmm_covars", "gmm_priors", "white_mean",

@@ -4,6 +4,8 @@ Keys follow the transfer contract: the trunk's layers are `conv1.*` .. `conv5.*`
 (plus their BatchNorms) with no prefix, the cluster classifier is `classifier.*`, the hashing layer
 `hash.weight` (d, K) and `hash.mean` (d,). The metadata holds `format`, `model` (arch, width,
 dropout: enough to rebuild the trunk) and whatever else the writer adds (the resolved config, step).
+A file may be a local path or a bucket URI: the header (metadata, shapes) is read with ranged reads,
+the tensors from a node-local copy (`infra.storage.local_copy`).
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save
+from safetensors.torch import load_file, save
 
 from pretrain.models.alexnet import build_trunk
-from infra.storage import atomic_write_bytes
+from infra.storage import atomic_write_bytes, local_copy, read_range, size_of
 
 FORMAT = "discoattr-weights-1"
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 class WeightsError(ValueError):
@@ -25,32 +28,61 @@ class WeightsError(ValueError):
 
 
 def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Writes `tensors` (contiguous CPU copies) and `meta` (JSON-able) atomically."""
+    """Writes `tensors` (contiguous CPU copies) and `meta` (JSON-able) atomically, at a path or a
+    bucket URI -> its location (a Path, or a UPath for a URI)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True, default=str)}
-    atomic_write_bytes(path, save(flat, metadata=metadata))
-    return Path(path)
+    return atomic_write_bytes(path, save(flat, metadata=metadata))
+
+
+def _not_safetensors(path, why: str) -> WeightsError:
+    return WeightsError(f"{path} is not a safetensors file ({why.splitlines()[0][:120] if why else 'unreadable'})")
+
+
+def read_header(path: str | Path) -> dict:
+    """The safetensors header of a weights file: {name: {"dtype", "shape", "data_offsets"}, ...,
+    "__metadata__": {...}}, read with two ranged reads (a bucket URI is not downloaded). Raises
+    WeightsError for a missing, truncated or foreign file."""
+    size = size_of(path)
+    if size is None:
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        head = read_range(path, 0, 8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, MAX_HEADER):
+            raise _not_safetensors(path, "no header")
+        header = json.loads(read_range(path, 8, n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except WeightsError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise _not_safetensors(path, str(exc) or type(exc).__name__) from None
+    if 8 + n + max(ends, default=0) != size:
+        raise _not_safetensors(path, f"{size} bytes, the header describes {8 + n + max(ends, default=0)}: truncated?")
+    return header
 
 
 def read_meta(path: str | Path) -> dict:
-    """The metadata of a weights file. Raises WeightsError for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            md = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise WeightsError(f"{path} is not a safetensors file ({str(exc).splitlines()[0][:120]})") from None
+    """The metadata of a weights file (a path or a URI). Raises WeightsError for a missing or foreign file."""
+    md = read_header(path).get("__metadata__") or {}
     if md.get("format") != FORMAT:
         raise WeightsError(f"{path} is not a discoattr weights file (format {md.get('format')!r})")
     return json.loads(md["meta"])
 
 
-def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """-> (tensors on CPU, metadata)."""
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a weights file's tensors, from its header alone."""
+    return {k: tuple(v["shape"]) for k, v in read_header(path).items() if k != "__metadata__"}
+
+
+def load_weights(path: str | Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """-> (tensors on CPU, metadata). A bucket URI is read through this node's cache (`local_copy`,
+    keyed and checked by `sha256` when given)."""
     meta = read_meta(path)
-    return load_file(str(path)), meta
+    try:
+        return load_file(str(local_copy(path, sha256))), meta
+    except (SafetensorError, OSError) as exc:
+        raise _not_safetensors(path, str(exc)) from None
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -63,9 +95,10 @@ def trunk_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if not k.startswith(("classifier.", "hash."))}
 
 
-def load_trunk(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_trunk(path: str | Path, device: str | torch.device = "cpu", sha256: str | None = None
+               ) -> tuple[torch.nn.Module, dict]:
     """Rebuilds the trunk a weights file describes and loads it (strict) -> (trunk in eval mode, meta)."""
-    tensors, meta = load_weights(path)
+    tensors, meta = load_weights(path, sha256)
     try:
         trunk = build_trunk(**meta["model"])
         trunk.load_state_dict(trunk_state(tensors), strict=True)

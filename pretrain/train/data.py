@@ -1,9 +1,10 @@
 """Training batches of cluster members (paper sec. 3.1): the clusters are the classes.
 
 The members' pixels are gathered once per round into `members.npy`, a (M, P, P, 3) uint8 array in
-the order of the cluster file's `member_index` (cluster c's members are rows offsets[c]:offsets[c+1]).
-Every training process memory-maps it, so the pages are shared by the processes of a node and a
-batch is one fancy-index gather; augmentation happens later, batched on the training device
+the order of the cluster file's `member_index` (cluster c's members are rows offsets[c]:offsets[c+1]),
+by one task (a path or a bucket URI). Every training process memory-maps it (a URI through its node's
+cache, fetched once per node), so the pages are shared by the processes of a node and a batch is one
+fancy-index gather; augmentation happens later, batched on the training device
 (`pretrain.train.augment`), so loader workers only ship uint8.
 
 Sampling is uniform over clusters, then uniform over the cluster's members: a cluster of 3 and one
@@ -13,9 +14,8 @@ round: `views_per_member * M` samples. Step s of rank r draws from a generator s
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,25 +23,40 @@ from numpy.lib.format import open_memmap
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from infra import storage
+from pretrain.parts import build_file
 from shards.store import PatchStore
 
 GATHER_CHUNK = 4096
 
 
-def write_member_pixels(shards_root: str | Path, member_index: np.ndarray, out: str | Path) -> Path:
-    """Decodes the patches `member_index` (M,) int64 from the shards into `out`, a (M, P, P, 3)
-    uint8 .npy, written under a temporary name and renamed when complete."""
+def member_pixels_task(shards_root: str, member_index: np.ndarray, out: str) -> dict:
+    """Decodes the patches `member_index` (M,) int64 from the shards into `out` (a path or a URI), a
+    (M, P, P, 3) uint8 .npy, built in a local file and published in one atomic write -> its record."""
     store = PatchStore(shards_root)
     p = store.shards.patch_px
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    arr = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(member_index), p, p, 3))
-    for s in tqdm(range(0, len(member_index), GATHER_CHUNK), desc="member pixels", unit="chunk", leave=False):
-        arr[s : s + GATHER_CHUNK] = store.get(member_index[s : s + GATHER_CHUNK])
-    arr.flush()
-    del arr
-    os.replace(tmp, out)
-    return out
+
+    def fill(local: str) -> None:
+        arr = open_memmap(local, mode="w+", dtype=np.uint8, shape=(len(member_index), p, p, 3))
+        for s in tqdm(range(0, len(member_index), GATHER_CHUNK), desc="member pixels", unit="chunk", leave=False):
+            arr[s : s + GATHER_CHUNK] = store.get(member_index[s : s + GATHER_CHUNK])
+        arr.flush()
+        del arr
+
+    return build_file(out, fill)
+
+
+def write_member_pixels(shards_root: str | Path, member_index: np.ndarray, out: str | Path,
+                        mapper: Callable | None = None) -> Path:
+    """`out` (a path or a URI): the (M, P, P, 3) uint8 pixels of the patches `member_index` (M,) int64,
+    in that order, written whole or not at all. With `mapper`, one task writes it (the driver never holds
+    the pixels); without, this process does -> the location of `out` (a Path, or a UPath for a URI)."""
+    args = (str(storage.absolute(shards_root)), np.asarray(member_index, np.int64), str(storage.absolute(out)))
+    if mapper is None:
+        member_pixels_task(*args)
+    else:
+        mapper(member_pixels_task, [args], desc="member pixels")
+    return storage.to_path(out)
 
 
 def sample_members(offsets: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +99,7 @@ class ClusterBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        pixels = np.load(self.pixels_path, mmap_mode="r")
+        pixels = np.load(storage.local_copy(self.pixels_path), mmap_mode="r")  # a URI: fetched once per node
         for step in range(self.start_step + worker, self.steps, num_workers):
             rng = np.random.default_rng([self.seed, self.rank, step])
             rows, cluster = sample_members(self.offsets, self.batch_size, rng)

@@ -11,8 +11,10 @@ from pretrain.features import (FisherEncoder, encode, extract_features, fisher_v
                                fisher_vectors, fit_fisher_encoder, fit_hog_encoder, hog_features,
                                local_descriptors)
 from pretrain.features.descriptors import COLOR_SCALE, color_stats, frame_grid
-from pretrain.features.extract import ENCODER, PROGRESS
+from pretrain.features.extract import DONE, ENCODER, PARTS, encode_shard
+from pretrain.parts import assemble
 from infra.ray_edge import serial_map
+from infra.storage import sha256_file
 from shards.store import PatchStore
 from tests.conftest import rgb_noise
 
@@ -166,17 +168,35 @@ def test_extract_writes_aligned_float16_rows(clean_run, patches):
     assert features.shape == (60, 8) and features.dtype == np.float16
     enc = FisherEncoder.load(result["encoder"])
     np.testing.assert_allclose(features, encode(patches, enc), rtol=2e-3, atol=2e-3)
-    assert len((out / PROGRESS).read_text().splitlines()) == 3
+    done = json.loads((out / DONE).read_text())
+    assert done["features"]["sha256"] == sha256_file(result["features"])
+    assert not (out / PARTS).exists()  # the parts are removed once assembled
+    assert sorted(p.name for p in out.iterdir()) == sorted([DONE, ENCODER, "round0.npy"])
+
+
+def killed_at(stop):
+    """A serial mapper that dies when it reaches a call of `stop` (e.g. the assembly task)."""
+    def mapper(fn, arg_tuples, **kw):
+        if fn is stop:
+            raise KeyboardInterrupt("killed")
+        return serial_map(fn, arg_tuples, **kw)
+    return mapper
+
+
+def parts_of(out):
+    return sorted(p.name for p in (out / PARTS).iterdir())
 
 
 def test_killed_run_resumes_with_the_missing_shards(shard_dir, clean_run, tmp_path, caplog):
-    def killed_after_one(fn, arg_tuples, *, desc, on_result=None, **kw):
-        on_result(0, fn(*arg_tuples[0]))
+    def killed_after_one(fn, arg_tuples, **kw):
+        if fn is not encode_shard:
+            return serial_map(fn, arg_tuples, **kw)
+        fn(*arg_tuples[0])
         raise KeyboardInterrupt("killed")
 
     with pytest.raises(KeyboardInterrupt):
         run(shard_dir, tmp_path, mapper=killed_after_one)
-    assert len((tmp_path / PROGRESS).read_text().splitlines()) == 1
+    assert len(parts_of(tmp_path)) == 1 and not (tmp_path / "round0.npy").exists()
     with caplog.at_level(logging.INFO):
         result = run(shard_dir, tmp_path)
     assert result["encoded_shards"] == 2 and "resuming" in caplog.text
@@ -184,25 +204,51 @@ def test_killed_run_resumes_with_the_missing_shards(shard_dir, clean_run, tmp_pa
     assert run(shard_dir, tmp_path)["encoded_shards"] == 0
 
 
-def test_rows_not_vouched_for_are_recomputed(shard_dir, clean_run, tmp_path):
-    run(shard_dir, tmp_path)
-    first = PatchStore(shard_dir).shards.counts[0]
-    np.lib.format.open_memmap(tmp_path / "round0.npy", mode="r+")[first:] = 0  # shards 2 and 3 damaged
-    lines = (tmp_path / PROGRESS).read_text().splitlines()
-    (tmp_path / PROGRESS).write_text("\n".join(lines[:1] + [lines[1][:10]]) + "\n")  # torn 2nd line
+def test_a_run_killed_before_assembling_encodes_nothing_again(shard_dir, clean_run, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(shard_dir, tmp_path, mapper=killed_at(assemble))
+    assert len(parts_of(tmp_path)) == 3 and not (tmp_path / DONE).exists()
+    result = run(shard_dir, tmp_path)
+    assert result["encoded_shards"] == 0
+    assert (tmp_path / "round0.npy").read_bytes() == clean_run[1].joinpath("round0.npy").read_bytes()
+
+
+def test_parts_not_vouched_for_are_recomputed(shard_dir, clean_run, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        run(shard_dir, tmp_path, mapper=killed_at(assemble))
+    first, second, third = parts_of(tmp_path)
+    (tmp_path / PARTS / second).unlink()  # shard 2's part is gone
+    stale = third.split("-")
+    stale[3] = "0" * 12 + ".npy"  # shard 3's part made by another encoder
+    (tmp_path / PARTS / third).rename(tmp_path / PARTS / "-".join(stale))
+    (tmp_path / PARTS / ("." + second + ".123.tmp")).write_bytes(b"torn")  # a write that never finished
     result = run(shard_dir, tmp_path)
     assert result["encoded_shards"] == 2
-    np.testing.assert_array_equal(np.load(result["features"]), np.load(clean_run[0]["features"]))
+    assert (tmp_path / "round0.npy").read_bytes() == clean_run[1].joinpath("round0.npy").read_bytes()
+
+
+def test_a_stale_features_file_is_not_trusted(shard_dir, clean_run, tmp_path):
+    run(shard_dir, tmp_path)
+    np.lib.format.open_memmap(tmp_path / "round0.npy", mode="r+")[:5] = 0  # damaged: same size, wrong rows
+    done = json.loads((tmp_path / DONE).read_text())
+    (tmp_path / DONE).write_text(json.dumps(done | {"key": "another run"}))
+    assert run(shard_dir, tmp_path)["encoded_shards"] == 3
+    assert (tmp_path / "round0.npy").read_bytes() == clean_run[1].joinpath("round0.npy").read_bytes()
 
 
 def test_changed_settings_refit_the_encoder_and_reencode_everything(shard_dir, tmp_path):
     run(shard_dir, tmp_path)
-    sha = [json.loads(line)["encoder_sha256"] for line in (tmp_path / PROGRESS).read_text().splitlines()]
+    before = json.loads((tmp_path / DONE).read_text())
+    old_sha = sha256_file(tmp_path / ENCODER)
+    with pytest.raises(KeyboardInterrupt):
+        run(shard_dir, tmp_path, mapper=killed_at(assemble), out_dim=6)
+    assert not (tmp_path / DONE).exists()  # round0.npy is no longer vouched for
+    assert all(name.split("-")[3][:12] != old_sha[:12] for name in parts_of(tmp_path))
     result = run(shard_dir, tmp_path, out_dim=6)
-    assert result["encoded_shards"] == 3 and result["dim"] == 6
+    assert result["encoded_shards"] == 0 and result["dim"] == 6  # the parts of the killed run are kept
     assert np.load(result["features"]).shape == (60, 6)
-    new = {json.loads(line)["encoder_sha256"] for line in (tmp_path / PROGRESS).read_text().splitlines()}
-    assert new.isdisjoint(sha)
+    assert json.loads((tmp_path / DONE).read_text())["key"] != before["key"]
+    assert run(shard_dir, tmp_path, out_dim=8)["encoded_shards"] == 3
 
 
 def test_unknown_setting_is_a_clear_error(shard_dir, tmp_path):
