@@ -186,6 +186,17 @@ def append_line(path, line: str) -> None:
     atomic_write_bytes(p, old + text.encode("utf-8"))
 
 
+def copy(src, dst) -> None:
+    """Copies one file: locally to a temporary name then renamed; on one store, a server-side copy."""
+    a, b = to_path(src), to_path(dst)
+    if is_remote(a) and is_remote(b) and scheme(a) == scheme(b):
+        a.fs.copy(a.path, b.path)
+    elif is_remote(a) or is_remote(b):
+        atomic_write_bytes(b, a.read_bytes())
+    else:
+        put_file(a, b)
+
+
 def create_once(path, data: bytes) -> bool:
     """Writes `data` only if nothing is at `path`; -> whether this call created it. POSIX: O_EXCL; S3:
     a conditional PUT. A store without conditional writes: write, read back, and compare (two writers

@@ -75,7 +75,7 @@ def cnn_features_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int,
 
 
 def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, trainer: Callable,
-                      force: bool = False) -> StageResult:
+                      force: bool = False, mapper: Callable | None = None) -> StageResult:
     """Stage 3 for one round: the CNN trained with softmax over clusters/roundR.npz (after round 0 from
     the previous round's trunk, or from a random one with train.round_init=scratch). After round 0,
     with train.skip_similar, the previous trunk names the near-duplicate clusters, which are left out
@@ -89,7 +89,7 @@ def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, 
     paths = round_paths(run, round_)
 
     def work():
-        pixels = ensure_member_pixels(shards_root, paths["clusters"], paths["members"])
+        pixels = ensure_member_pixels(shards_root, paths["clusters"], paths["members"], mapper)
         t = cfg.train
         steps = round_steps(member_count(paths["clusters"]), t.views_per_member, t.epochs,
                             t.batch_size_per_worker, t.num_workers, t.max_steps_per_round)
@@ -153,7 +153,7 @@ def alternate(cfg: Config, run: RunDir, shards_root: Path, *, trainer: Callable,
         log_stage(cluster_stage(cfg, run, shards_root, cluster_map, round_=r, start_stage=start,
                                 features_stage=layout.features_stage(r),
                                 force="cluster" in force), None, layout.cluster_stage(r))
-        result = train_round_stage(cfg, run, shards_root, r, trainer, force="train" in force)
+        result = train_round_stage(cfg, run, shards_root, r, trainer, force="train" in force, mapper=task_map)
         log_stage(result, round_paths(run, r)["train"] / "metrics.jsonl", layout.train_stage(r))
         log_stage(round_report_stage(cfg, run, shards_root, r, force="train" in force), None, "")
         reports.append(json.loads(round_paths(run, r)["report"].read_text()))

@@ -54,9 +54,9 @@ def member_count(clusters) -> int:
         return int(z["offsets"][-1])
 
 
-def ensure_member_pixels(shards_root, clusters, out):
+def ensure_member_pixels(shards_root, clusters, out, mapper: Callable | None = None):
     """`out` (members.npy, a path or URI) for this cluster file and these shards, reused when its stamp
-    matches."""
+    matches; written by one task of `mapper` when given (the driver never holds the pixels)."""
     out = storage.to_path(out)
     stamp = out.with_name(out.name + ".key")
     key = config_hash({"clusters": sha256_file(clusters),
@@ -69,7 +69,7 @@ def ensure_member_pixels(shards_root, clusters, out):
     storage.makedirs(out.parent)
     with np.load(storage.local_copy(clusters), allow_pickle=False) as z:
         member_index = z["member_index"]
-    write_member_pixels(shards_root, member_index, out)
+    write_member_pixels(shards_root, member_index, out, mapper=mapper)
     atomic_write_text(stamp, key)
     return out
 
@@ -146,7 +146,7 @@ def hash_stage(cfg: Config, run: RunDir, shards_root, bits: int, trainer: Callab
     d, clusters, trunk = lay.hash_dir(bits, variant), lay.clusters(last), lay.model(last)
 
     def work():
-        pixels = ensure_member_pixels(shards_root, clusters, lay.members(last))
+        pixels = ensure_member_pixels(shards_root, clusters, lay.members(last), mapper)
         init = itq_init(shards_root, trunk, bits, fit_patches=cfg.train.feature_fit_patches, seed=cfg.run.seed,
                         out=d / "init.npz") if h.init == "itq" else ""
         skip = skip_pairs(pixels, clusters, trunk, d / "init.npz", h.skip_similar, seed=cfg.run.seed,
@@ -166,7 +166,7 @@ def hash_stage(cfg: Config, run: RunDir, shards_root, bits: int, trainer: Callab
         produced = {model: None, **{p: None for p in codes}}
         if final:
             produced[export_final(model, to_dict(cfg), lay.final)] = None
-            atomic_write_bytes(lay.final_codes, storage.to_path(lay.codes(bits)).read_bytes())
+            storage.copy(lay.codes(bits), lay.final_codes)
             produced[lay.final_codes] = None
         return produced
 
