@@ -3,8 +3,8 @@
 Every epoch the global patch sequence (shards in a seeded order) is cut into `world_size` equal
 contiguous ranges of `total // world_size` patches (the remainder, < world_size patches, is dropped
 that epoch), and each rank's range into one contiguous range per DataLoader worker. A worker reads
-its range as a few shard slices: it seeks to the first record it needs and stops after the last,
-and webdataset's tar iterators and `group_by_keys` turn the bytes into records. So every rank sees
+its range as a few shard slices: the offsets recorded when the shard was built give each record's
+bytes, fetched with a few ranged reads (local files and bucket URIs alike). So every rank sees
 the same number of samples (DDP never waits on a rank that ran dry) and, with one epoch of all
 ranks and workers, every patch exactly once.
 
@@ -14,21 +14,18 @@ worker that lost patches by re-reading its own range, so per-rank counts stay eq
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from shards.shardset import ShardError, ShardSet, patch_key, record_offsets
+from shards.shardset import ShardError, ShardSet, iter_records, patch_key
 from shards.writer import decode_strip
 
 log = logging.getLogger(__name__)
@@ -66,24 +63,6 @@ def plan_epoch(
     return slices
 
 
-class _Bounded(io.RawIOBase):
-    """Reads at most `n` bytes of `f` from its current position (one shard slice)."""
-
-    def __init__(self, f, n: int):
-        self.f, self.left = f, n
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.left <= 0:
-            return 0
-        view = memoryview(b)[: min(len(b), self.left)]
-        got = self.f.readinto(view)
-        self.left -= got
-        return got
-
-
 class _ErrorCounter:
     """webdataset error handler that counts instead of sleeping (warn_and_continue sleeps 0.5 s)."""
 
@@ -97,25 +76,15 @@ class _ErrorCounter:
         return True
 
 
-def _tar_samples(path: Path, begin: int, end: int, handler) -> Iterator[dict]:
-    """webdataset samples from the byte range [begin, end) of a shard (a run of whole records)."""
-    with open(path, "rb") as f:
-        f.seek(begin)
-        stream = io.BufferedReader(_Bounded(f, end - begin), buffer_size=1 << 20)
-        files = tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
-        yield from group_by_keys(files, handler=handler)
-
-
-def _parse_record(sample: dict, patch_px: int, per_record: int) -> tuple[int, dict, np.ndarray]:
-    """A webdataset sample -> (record number, metadata, patches). Raises on any inconsistency."""
-    record = int(sample["__key__"].removeprefix("r"))
-    meta = json.loads(sample["json"])
-    patches = decode_strip(sample["jpg"], patch_px)
+def _parse_record(record: int, members: dict, patch_px: int, per_record: int) -> tuple[dict, np.ndarray]:
+    """A record's member bytes -> (metadata, patches). Raises on any inconsistency."""
+    meta = json.loads(members["json"])
+    patches = decode_strip(members["jpg"], patch_px)
     n = len(patches)
     if int(meta["first"]) != record * per_record or not len(meta["keys"]) == len(meta["boxes"]) == \
             len(meta["labels"]) == n:
-        raise ValueError(f"record {sample['__key__']}: metadata does not match its {n} patches")
-    return record, meta, patches
+        raise ValueError(f"record r{record:07d}: metadata does not match its {n} patches")
+    return meta, patches
 
 
 def read_slice(shards: ShardSet, sl: Slice, handler, copy: bool = False) -> Iterator[dict]:
@@ -124,36 +93,35 @@ def read_slice(shards: ShardSet, sl: Slice, handler, copy: bool = False) -> Iter
     Images are views into their record's decoded strip unless `copy` (a shuffle buffer holding views
     would pin whole strips, 16x the memory).
 
-    Reads the slice's records as one tar stream; when damage ends the stream early, picks up again
-    at the next record whose header the offset scan found, so one bad record costs only itself.
+    Reads the slice's records by the offsets in the shard's index part, as a few ranged reads of
+    contiguous records (no tar parsing); a record that is cut off, whose member headers do not match
+    the index, or that does not decode is passed to `handler` and costs only itself.
     """
     per = shards.patches_per_record
     path = shards.path(sl.shard)
-    offs = record_offsets(path)
+    try:
+        offs = shards.offsets(sl.shard)
+    except ShardError as exc:  # an unusable index part: the slice is lost, not the epoch
+        handler(exc)
+        return
     shard_start = int(shards.starts[sl.shard])
-    r0, r1 = sl.start // per, (sl.stop - 1) // per
-    unscanned = int(np.sum(offs.header[r0 : r1 + 1] < 0)) + max(0, r1 + 1 - max(r0, len(offs.header)))
-    if unscanned:  # records the header scan never found: cut off by truncation or unreadable
-        handler(ShardError(f"{path.name}: {unscanned} record(s) of records {r0}-{r1} not found"))
-    next_record = r0
-    while next_record <= r1:
-        known = np.flatnonzero(offs.header[next_record:] >= 0) + next_record
-        if len(known) == 0 or known[0] > r1:
-            return
-        after = known[known > r1]
-        end = int(offs.header[after[0]]) if len(after) else offs.file_size
-        next_record = int(known[0]) + 1  # progress even if this stream yields nothing
-        for sample in _tar_samples(path, int(offs.header[known[0]]), end, handler):
-            try:
-                record, meta, patches = _parse_record(sample, shards.patch_px, per)
-            except (KeyError, ValueError, TypeError, AttributeError) as exc:
-                handler(exc)
-                continue
-            next_record = max(next_record, record + 1)
-            first = record * per
-            for j in range(max(sl.start - first, 0), min(sl.stop - first, len(patches))):
-                yield {"index": shard_start + first + j, "key": patch_key(meta["keys"][j], meta["boxes"][j]),
-                       "label": int(meta["labels"][j]), "image": patches[j].copy() if copy else patches[j]}
+    records = np.arange(sl.start // per, (sl.stop - 1) // per + 1)
+    ok = offs.usable(records)
+    if not ok.all():  # cut off by truncation, or not in the index
+        handler(ShardError(f"{path.name}: {int((~ok).sum())} record(s) of records {records[0]}-{records[-1]} "
+                           "are missing or cut off"))
+    for record, members in iter_records(path, offs, records[ok]):
+        try:
+            if isinstance(members, Exception):
+                raise members
+            meta, patches = _parse_record(record, members, shards.patch_px, per)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            handler(exc)
+            continue
+        first = record * per
+        for j in range(max(sl.start - first, 0), min(sl.stop - first, len(patches))):
+            yield {"index": shard_start + first + j, "key": patch_key(meta["keys"][j], meta["boxes"][j]),
+                   "label": int(meta["labels"][j]), "image": patches[j].copy() if copy else patches[j]}
 
 
 class PatchStream(IterableDataset):
@@ -164,7 +132,7 @@ class PatchStream(IterableDataset):
     """
 
     def __init__(
-        self, root: str | Path, *, rank: int | None = None, world_size: int | None = None,
+        self, root, *, rank: int | None = None, world_size: int | None = None,
         shuffle: bool = False, shuffle_buffer: int = 2000, seed: int = 0, pad: bool = False,
     ):
         self.shards = ShardSet.open(root)

@@ -10,7 +10,9 @@ holds up to `patches_per_record` consecutive patches of a shard as two members,
                  "boxes": [[x0, y0, x1, y1] per patch, source coordinates], "labels": [int, -1 if none]}
 
 Every record but a shard's last holds exactly `patches_per_record` patches, so patch j of a shard
-lives in record j // patches_per_record at slot j % patches_per_record.
+lives in record j // patches_per_record at slot j % patches_per_record. Each shard comes with its record
+index part, the byte offsets of every record and member (see shards/shardset.py), which readers use
+instead of scanning the tar.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -27,7 +30,9 @@ import simplejpeg
 import webdataset as wds
 from PIL import Image
 
+from infra import storage
 from shards.patches import crop_patches, image_patches
+from shards.shardset import index_name, offsets_table, table_bytes
 from shards.sources import Item, load_image
 
 log = logging.getLogger(__name__)
@@ -139,26 +144,46 @@ def _record(buf: list[tuple], first: int, params: PatchParams) -> dict:
     return {"__key__": f"r{rec:07d}", "jpg": strip, "json": json.dumps(meta).encode("utf-8")}
 
 
-def write_shard(path: str | Path, items: list[Item], params: PatchParams) -> dict:
-    """Writes one shard atomically (temp name, then rename) and returns its shards.json entry:
-    {name, patches, records, bytes, sha256, images, skipped_images}."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    skipped: list[str] = []
-    n_patches = n_records = 0
-    with open(tmp, "wb") as raw:
-        sink = _HashingFile(raw)
-        # mtime fixed so that the same input gives byte-identical shards (stable checksums); an int,
-        # since a float mtime makes tarfile add a 1 KiB PAX header to every member.
-        with wds.TarWriter(sink, encoder=False, mtime=0) as writer:
-            for record, n in _records(iter_image_patches(items, params, skipped), params):
-                writer.write(record)
-                n_records += 1
-                n_patches += n
-        raw.flush()
-        os.fsync(raw.fileno())
-    os.replace(tmp, path)
+def write_shard(path, items: list[Item], params: PatchParams) -> dict:
+    """Writes one write-once shard and its record index part at `path` (a local path or a URI) and
+    returns its shards.json entry: {name, patches, records, bytes, sha256, images, skipped_images,
+    index: {name, bytes, sha256}}.
+
+    Locally the tar is written under a temporary name next to `path`, then renamed; for an object
+    store it is written to a node-local scratch file and uploaded in one PUT. Either way the index part
+    comes from one scan of the finished local tar, and is written after it."""
+    path = storage.to_path(path)
+    remote = storage.is_remote(path)
+    scratch = storage.scratch_dir("shard-") if remote else None
+    tmp = scratch / path.name if remote else path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        skipped: list[str] = []
+        n_patches = n_records = 0
+        with open(tmp, "wb") as raw:
+            sink = _HashingFile(raw)
+            # mtime fixed so that the same input gives byte-identical shards (stable checksums); an int,
+            # since a float mtime makes tarfile add a 1 KiB PAX header to every member.
+            with wds.TarWriter(sink, encoder=False, mtime=0) as writer:
+                for record, n in _records(iter_image_patches(items, params, skipped), params):
+                    writer.write(record)
+                    n_records += 1
+                    n_patches += n
+            raw.flush()
+            if not remote:
+                os.fsync(raw.fileno())
+        table = offsets_table(tmp)
+        if remote:
+            storage.put_file(tmp, path, move=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if remote:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+    index = storage.put_part(path.with_name(index_name(path.name)), table_bytes(table))
     return {
         "name": path.name, "patches": n_patches, "records": n_records, "bytes": sink.nbytes,
         "sha256": sink.sha.hexdigest(), "images": len(items) - len(skipped), "skipped_images": skipped,
+        "index": {"name": index_name(path.name), "bytes": index["size"], "sha256": index["sha256"]},
     }

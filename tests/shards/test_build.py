@@ -1,6 +1,8 @@
+import hashlib
 import json
 import tarfile
 
+import numpy as np
 import pytest
 
 from shards.build import build_shards
@@ -18,9 +20,22 @@ def test_index_lists_counts_sizes_checksums(shard_dir, small_params):
     assert [s["records"] for s in info["shards"]] == [5, 5, 5]
     for s in info["shards"]:
         assert (shard_dir / s["name"]).stat().st_size == s["bytes"]
+        assert hashlib.sha256((shard_dir / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+        idx = shard_dir / s["index"]["name"]
+        assert idx.name == s["name"].replace(".tar", ".idx.npy")
+        assert hashlib.sha256(idx.read_bytes()).hexdigest() == s["index"]["sha256"]
+        part = json.loads((shard_dir / s["name"].replace(".tar", ".json")).read_text())
+        assert part["entry"] == s and len(part["task"]) == 16
     with tarfile.open(shard_dir / "shard-000000.tar") as tar:
-        names = tar.getnames()
-    assert names[:4] == ["r0000000.jpg", "r0000000.json", "r0000001.jpg", "r0000001.json"]
+        members = tar.getmembers()
+    assert [m.name for m in members[:4]] == ["r0000000.jpg", "r0000000.json", "r0000001.jpg", "r0000001.json"]
+    # the index part recorded at build time is the layout the tar has
+    table = np.load(shard_dir / "shard-000000.idx.npy")
+    assert table.shape == (5, 6) and table.dtype == np.int64
+    for r in range(5):
+        jpg, meta = members[2 * r], members[2 * r + 1]
+        assert table[r].tolist() == [jpg.offset, meta.offset_data + -(-meta.size // 512) * 512, jpg.offset_data,
+                                     jpg.size, meta.offset_data, meta.size]
 
 
 def test_same_source_and_seed_give_identical_shards(tmp_path, shard_dir, small_params):
@@ -42,7 +57,8 @@ def test_rebuild_with_fewer_shards_removes_stale_ones(tmp_path, small_params):
     src = make_image_folder(tmp_path / "imgs", classes=("cat",), per_class=3)
     build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=1)
     build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=3)
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "shard-000000.idx.npy", "shard-000000.json", "shard-000000.tar", "shards.json"]
 
 
 def test_cli_builds_digits_and_rejects_missing_source(tmp_path):
@@ -92,7 +108,14 @@ def test_killed_build_resumes_with_the_shards_it_had_not_finished(tmp_path, smal
     assert {n: (tmp_path / "out" / n).stat().st_mtime_ns for n in written} == written
     clean = build_shards(src, tmp_path / "clean", small_params, images_per_shard=2)
     assert info["shards"] == clean["shards"]
-    assert not (tmp_path / "out" / ".build-progress.jsonl").exists()
+    assert not list((tmp_path / "out").glob(".*"))  # no progress log, no temporary files
+    # progress is the listing of finished parts: without shard 1's part (and shards.json) only it is redone
+    (tmp_path / "out" / "shard-000001.json").unlink()
+    (tmp_path / "out" / "shards.json").unlink()
+    ran.clear()
+    assert build_shards(src, tmp_path / "out", small_params, images_per_shard=2, mapper=counting) == info
+    assert ran == ["shard-000001.tar"]
+    assert (tmp_path / "out" / "shard-000000.tar").stat().st_mtime_ns == written["shard-000000.tar"]
     # other settings make other shards: nothing is reused
     ran.clear()
     build_shards(src, tmp_path / "out", PatchParams(**{**small_params.__dict__, "seed": 9}),

@@ -47,3 +47,39 @@ def test_damaged_record_is_a_shard_error(shard_copy):
     with pytest.raises(ShardError, match="record 1 does not decode"):
         store.get([5])
     assert store.get([9]).shape == (1, 32, 32, 3)
+
+
+def test_unusable_index_part_is_a_shard_error_and_damage_in_the_stream(shard_copy):
+    from shards.shardset import ShardError
+
+    from shards.shardset import record_offsets
+
+    (shard_copy / "shard-000001.idx.npy").write_bytes(b"not an index")
+    with pytest.raises(ShardError, match="shard-000001.idx.npy: not a shard record index"):
+        record_offsets(shard_copy / "shard-000001.tar")
+    store = PatchStore(shard_copy)
+    assert store.get([0, 59]).shape == (2, 32, 32, 3)
+    with pytest.raises(ShardError, match="shard-000001.idx.npy: content does not match its sha256 in shards.json"):
+        store.get([25])
+    stream = PatchStream(shard_copy, rank=0, world_size=1)
+    assert sorted(x["index"] for x in stream) == list(range(20)) + list(range(40, 60))
+    assert stream.stats()["patches_lost"] == 20 and stream.stats()["record_errors"] == 1
+
+
+def test_old_format_is_a_clear_error(shard_copy):
+    import json
+
+    from shards.shardset import ShardError
+
+    info = json.loads((shard_copy / "shards.json").read_text())
+    (shard_copy / "shards.json").write_text(json.dumps({**info, "format": "discoattr-patches/1"}))
+    with pytest.raises(ShardError, match="this version reads 'discoattr-patches/2'"):
+        PatchStore(shard_copy)
+
+
+def test_missing_index_part_is_a_clear_error(shard_copy):
+    from shards.shardset import ShardError
+
+    (shard_copy / "shard-000002.idx.npy").unlink()
+    with pytest.raises(ShardError, match="1 shard part.* missing, first: shard-000002.idx.npy"):
+        PatchStore(shard_copy)
