@@ -14,16 +14,17 @@ import torch
 from scipy.stats import chisquare
 
 from pretrain.eval.retrieval import unpack_codes
-from pretrain.models.weights import WeightsError, load_weights, read_meta
+from pretrain.models.alexnet import build_trunk
+from pretrain.models.inputs import to_input
+from pretrain.models.weights import WeightsError, load_weights, read_meta, trunk_state
 from pretrain.train import data as data_mod
 from pretrain.train.data import ClusterBatches, batch_loader, other_member, sample_members, write_member_pixels
-from pretrain.train.export import export_final, hash_scores, load_hasher, write_codes
+from pretrain.train.export import export_final, load_hasher, write_codes
 from pretrain.train.loop import TrainSpec, build_net, train_worker
 from infra.session import LocalSession, local_trainer
 from infra.session import fresh_storage
 from pretrain.train.stage import itq_init, round_steps
 from infra.ray_edge import serial_map
-from infra.storage import sha256_file
 from shards.store import PatchStore
 from tests.pretrain.train_fixtures import CAT, COFFEE, PER_PHOTO, cluster_inputs, logged, spec_dict
 
@@ -255,13 +256,26 @@ def test_codes_and_final_model_agree_bit_for_bit(hash_run, shard_dir, tmp_path):
     trunk, head, meta2 = load_hasher(final)
     assert head.bits == BITS and not trunk.training and not head.training and meta2 == meta
 
-    store, sha = PatchStore(shard_dir), sha256_file(final)
-    for start, count in zip(store.shards.starts, store.shards.counts):  # one shard per call, like write_codes
+    # an independent path to the codes: the training checkpoint's trunk built here (not load_hasher or
+    # hash_scores), Eq. 1 written out in float64, bits packed per row
+    ckpt, _ = load_weights(hash_run.model)
+    assert all(torch.equal(tensors[k], v) for k, v in ckpt.items())  # the final model is the checkpoint's
+    spec = TrainSpec(**hash_run.spec)
+    direct = build_trunk(spec.arch, width=spec.width, dropout=spec.dropout)
+    direct.load_state_dict(trunk_state(ckpt), strict=True)
+    direct.eval()
+    w, mean = ckpt["hash.weight"].double(), ckpt["hash.mean"].double()
+    store = PatchStore(shard_dir)
+    for start, count in zip(store.shards.starts, store.shards.counts):  # one shard per batch, like write_codes
         rows = slice(int(start), int(start + count))
-        again = hash_scores(store.get(np.arange(rows.start, rows.stop)), str(final), sha)
-        assert np.array_equal(np.packbits(again > 0, axis=1), codes[rows])
-        assert np.array_equal(unpack_codes(codes[rows], BITS), (again > 0).astype(np.uint8))
-        np.testing.assert_allclose(scores[rows].astype(np.float32), again, rtol=1e-3, atol=1e-3)
+        with torch.no_grad():
+            f = direct(to_input(torch.from_numpy(store.get(np.arange(rows.start, rows.stop)))))
+        expect = ((f.double() - mean) @ w).numpy()  # (n, K): W^T (f(x) - mean)
+        bits = (expect > 0).astype(np.uint8)
+        assert np.array_equal(codes[rows], np.array([[int("".join(map(str, r[i:i + 8])), 2) for i in range(0, BITS, 8)]
+                                                     for r in bits], dtype=np.uint8))  # MSB first, like np.packbits
+        assert np.array_equal(unpack_codes(codes[rows], BITS), bits)
+        np.testing.assert_allclose(scores[rows].astype(np.float32), expect, rtol=1e-3, atol=1e-3)
 
 
 def test_load_hasher_refuses_a_cluster_checkpoint(cluster_run):

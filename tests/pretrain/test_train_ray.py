@@ -1,5 +1,7 @@
 """`train_worker` under Ray Train: a 2-worker DDP run on CPUs (gloo), a relaunch that resumes a failed
-run from its checkpoint, and a worker failure recovered within one call (FailureConfig)."""
+run from its checkpoint (on a local path and in an S3 bucket), and a worker failure recovered within
+one call (FailureConfig). The DDP runs check that both ranks trained in one process group of 2 and
+ended with the same weights, the final checkpoint's."""
 from __future__ import annotations
 
 import json
@@ -8,10 +10,12 @@ import shutil
 
 import pytest
 
+from infra import storage
 from pretrain.models.weights import load_weights
 from pretrain.train.loop import train_worker
 from infra.ray_edge import connect, ray_train
 from tests.conftest import REPO
+from tests.infra.ddp_probe import assert_ranks_agree, probe
 from tests.pretrain.train_fixtures import PER_PHOTO, cluster_inputs, logged, spec_dict
 
 pytestmark = pytest.mark.ray
@@ -59,8 +63,9 @@ def starts(out_dir) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    """A private 2-CPU Ray instance for this module."""
+def ray_local(s3_endpoint):
+    """A private 2-CPU Ray instance for this module; its workers see the S3 server (the AWS_* variables
+    are set before it starts)."""
     import ray
 
     with pytest.MonkeyPatch.context() as mp:
@@ -85,12 +90,14 @@ def inputs(shard_dir, tmp_path_factory):
 
 def test_two_workers_train_and_checkpoint(ray_local, inputs, tmp_path):
     spec = spec_dict(*inputs, tmp_path / "out", steps=4, checkpoint_every=2, log_every=2)
-    final = ray_train(train_worker, spec, name="ddp", storage_path=tmp_path / "ray", num_workers=2, use_gpu=False)
-    assert final.is_relative_to(tmp_path / "ray" / "ddp")
+    fn = probe(train_worker, "pretrain.train.loop", tmp_path / "ranks", state_fn="pretrain.train.loop:state_tensors")
+    final = ray_train(fn, spec, name="ddp", storage_path=tmp_path / "ray", num_workers=2, use_gpu=False)
+    assert not final.is_relative_to(tmp_path / "ray")  # a local copy, wherever the checkpoints are stored
     assert {"model.safetensors", "optimizer.pt", "step.json"} <= {p.name for p in final.iterdir()}
     assert json.loads((final / "step.json").read_text()) == {"step": 4}
     tensors, meta = load_weights(final / "model.safetensors")
     assert meta["step"] == 4 and tensors["classifier.fc.weight"].shape == (4, 128)
+    assert_ranks_agree(tmp_path / "ranks", final, world_size=2)
     log = logged(tmp_path / "out")
     assert [m["step"] for m in log] == [2, 4]  # rank 0 alone writes the log
     assert all(m["samples_per_s"] > 0 for m in log)
@@ -109,9 +116,39 @@ def test_relaunch_resumes_a_failed_run_from_its_checkpoint(ray_local, inputs, tm
 
 def test_a_worker_failure_is_recovered_within_one_call(ray_local, inputs, tmp_path):
     spec = spec_dict(*inputs, tmp_path / "out", steps=4, checkpoint_every=2, crash_at_step=4)
-    final = ray_train(crashing_worker, spec, name="retry", storage_path=tmp_path / "ray", num_workers=2,
+    fn = probe(crashing_worker, "pretrain.train.loop", tmp_path / "ranks", state_fn="pretrain.train.loop:state_tensors")
+    final = ray_train(fn, spec, name="retry", storage_path=tmp_path / "ray", num_workers=2,
                       use_gpu=False, max_failures=1)
     assert starts(tmp_path / "out") == [0, 2]
     assert [m["step"] for m in logged(tmp_path / "out")] == [1, 2, 3, 4, 3, 4]
+    assert json.loads((final / "step.json").read_text()) == {"step": 4}
+    assert load_weights(final / "model.safetensors")[1]["step"] == 4
+    assert_ranks_agree(tmp_path / "ranks", final, world_size=2)  # the recovered attempt's two ranks
+
+
+def test_checkpoints_in_a_bucket_resume_a_relaunch(ray_local, inputs, tmp_path, bucket):
+    """Ray Train writes the checkpoints to S3 (through infra.storage's filesystem), the relaunch's
+    workers download the step-2 checkpoint from there, and the caller gets the final one locally."""
+    spec = spec_dict(*inputs, tmp_path / "out", steps=4, checkpoint_every=2, crash_at_step=4)
+    store = storage.to_path(f"{bucket}/ray")
+    kw = dict(name="s3run", storage_path=str(store), num_workers=2, use_gpu=False, max_failures=0)
+    with pytest.raises(Exception, match="crashed at step 4"):
+        ray_train(crashing_worker, spec, **kw)
+    assert starts(tmp_path / "out") == [0]
+
+    def saved_steps() -> list[int]:
+        fs = store.fs
+        keys = fs.find((store / "s3run").path)
+        dirs = sorted({k.rsplit("/", 2)[-2] for k in keys if k.endswith("/step.json")})
+        assert all(d.startswith("checkpoint_") for d in dirs), keys
+        assert all(f"{(store / 's3run').path}/{d}/model.safetensors" in keys for d in dirs), keys
+        return sorted(json.loads(fs.cat_file(f"{(store / 's3run').path}/{d}/step.json"))["step"] for d in dirs)
+
+    assert saved_steps() == [2]  # the crashed run's checkpoint, in the bucket
+    final = ray_train(crashing_worker, spec, **kw)  # the relaunch finds it and does not crash again
+    assert starts(tmp_path / "out") == [0, 2]
+    assert [m["step"] for m in logged(tmp_path / "out")] == [1, 2, 3, 4, 3, 4]
+    assert saved_steps() == [2, 4]
+    assert not str(final).startswith("s3:") and final.is_dir()
     assert json.loads((final / "step.json").read_text()) == {"step": 4}
     assert load_weights(final / "model.safetensors")[1]["step"] == 4

@@ -1,4 +1,5 @@
 """Fine-tuning and testing: exact resume, frozen conv1, boxes back in image pixels, DDP on Ray Train."""
+import os
 import shutil
 
 import numpy as np
@@ -7,6 +8,8 @@ import torch
 
 from pretrain.models.weights import load_weights
 from infra.session import LocalSession
+from tests.conftest import REPO
+from tests.infra.ddp_probe import assert_ranks_agree, probe
 from tests.transfer.test_data import _scene
 from transfer.data import read_roidb, write_roidb
 from transfer.engine import DetectorSpec, detect, detect_all, load_detector, train_detector
@@ -65,18 +68,34 @@ def test_detections_come_back_in_the_original_images_pixels(tmp_path, roidb):
     np.testing.assert_allclose(np.sort(got[:, 4])[::-1], scores, rtol=1e-5)
 
 
+@pytest.fixture
+def ray_local(monkeypatch):
+    """A private 2-CPU Ray instance for one test; its workers import this repository (the probe)."""
+    import ray
+
+    from infra.ray_edge import connect
+
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *paths]))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    connect(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_ddp_workers_on_ray_train(tmp_path, roidb):
-    from infra.ray_edge import connect, ray_train
+def test_two_ddp_workers_on_ray_train(tmp_path, roidb, ray_local):
+    from infra.ray_edge import ray_train
 
-    connect(num_cpus=2)
-    final = ray_train(train_detector, _spec(tmp_path, roidb, box_regression=True), name="det",
+    fn = probe(train_detector, "transfer.engine", tmp_path / "ranks")
+    final = ray_train(fn, _spec(tmp_path, roidb, box_regression=True), name="det",
                       storage_path=tmp_path / "ray", num_workers=2, use_gpu=False)
     tensors, meta = load_weights(final / "model.safetensors")
     assert meta["step"] == 4 and meta["detector"]["box_regression"]
     steps = [line for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4  # rank 0 alone writes the log
+    assert_ranks_agree(tmp_path / "ranks", final, world_size=2)  # one process group of 2, one set of weights
 
 
 def test_box_regression_trains_and_decodes_inside_the_image(tmp_path, roidb):
