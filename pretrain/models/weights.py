@@ -32,7 +32,18 @@ def save_weights(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict)
     bucket URI -> its location (a Path, or a UPath for a URI)."""
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"format": FORMAT, "meta": json.dumps(meta, sort_keys=True, default=str)}
-    return atomic_write_bytes(path, save(flat, metadata=metadata))
+    return atomic_write_bytes(path, _canonical_header(save(flat, metadata=metadata)))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """safetensors writes its header's keys in hash-map order, so equal weights gave files with other
+    bytes (and checksums) from run to run; the same header with sorted keys, same length, fixes that."""
+    n = int.from_bytes(data[:8], "little")
+    canon = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canon = canon.encode("utf-8")
+    if len(canon) > n:  # cannot happen for serde's compact JSON; keep the file as written
+        return data
+    return data[:8] + canon.ljust(n) + data[8 + n :]
 
 
 def _not_safetensors(path, why: str) -> WeightsError:

@@ -124,3 +124,19 @@ def test_hash_head_init_from_sets_mean_and_weight():
     torch.testing.assert_close(head.mean, 0.5 * mean)
     with pytest.raises(ValueError, match="init_from expects"):
         head.init_from(torch.zeros(4), proj)
+
+
+def test_equal_weights_make_equal_files_in_any_process(tmp_path):
+    """safetensors orders its header by hash map; the written files must not depend on it (checksums in
+    the manifest compare runs)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    code = ("import sys, torch; from pretrain.models.weights import save_weights; "
+            "save_weights(sys.argv[1], {'b': torch.zeros(2, 2), 'a': torch.ones(3)}, {'y': [1, 2], 'x': 1, 'z': 'q'})")
+    outs = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, check=True, env={"PYTHONPATH": str(REPO)})
+    assert len({o.read_bytes() for o in outs}) == 1
