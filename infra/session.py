@@ -7,6 +7,7 @@ temporary directory and every rank calls `report` the same number of times (Ray 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -47,7 +48,6 @@ class LocalSession:
         self.rank = dist.get_rank() if ready else 0
         self.world_size = dist.get_world_size() if ready else 1
         self.device = device or default_device(self.rank if torch.cuda.device_count() > 1 else 0)
-        self._tmp: tempfile.TemporaryDirectory | None = None
 
     def checkpoints(self) -> list:
         if storage.is_remote(self.root):
@@ -62,9 +62,14 @@ class LocalSession:
             return None
         if not storage.is_remote(self.root):
             return found[-1]
-        self._tmp = tempfile.TemporaryDirectory(prefix="discoattr-resume-")
-        found[-1].fs.get(found[-1].path + "/", self._tmp.name + "/", recursive=True)
-        return Path(self._tmp.name)
+        local = Path(tempfile.mkdtemp(prefix="discoattr-resume-"))  # outlives the session: the caller reads it
+        atexit.register(shutil.rmtree, local, True)
+        src = found[-1]
+        for key in src.fs.find(src.path):
+            rel = key[len(src.path.rstrip("/")) + 1:]
+            (local / rel).parent.mkdir(parents=True, exist_ok=True)
+            src.fs.get_file(key, str(local / rel))
+        return local
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is not None and self.rank == 0:

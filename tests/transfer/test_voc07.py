@@ -62,3 +62,25 @@ def test_bad_inputs_fail_in_one_line_before_anything_is_written(tmp_path, tiny_v
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, err
     assert not run_dir.exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_checkpoint_and_run_directory_in_a_bucket(tmp_path, tiny_voc, bucket, capsys):
+    from infra import storage
+
+    ckpt = f"{bucket}/runs/demo/final.safetensors"
+    storage.put_file(write_final(tmp_path / "final.safetensors", trained_like_trunk()), ckpt)
+    run = f"{bucket}/transfer/demo"
+    args = ["--ckpt", ckpt, "--voc", str(tiny_voc), "--run-dir", run, "--set", f"run.root={tmp_path}",
+            *[a for s in TINY for a in ("--set", s)]]
+    assert voc07.main(args) == 0
+    results = json.loads(storage.to_path(f"{run}/results.json").read_text())
+    assert results["ckpt"] == ckpt and 0.0 <= results["map"] <= 1.0
+    for name in ("detector.safetensors", "manifest.json", "train/metrics.jsonl", "figures/pr_curves.png"):
+        assert storage.size_of(f"{run}/{name}"), name
+    assert "mAP" in capsys.readouterr().out
+    manifest = storage.to_path(f"{run}/manifest.json").read_text()
+    assert voc07.main(args) == 0  # a rerun skips every stage: its record is not rewritten
+    assert storage.to_path(f"{run}/manifest.json").read_text() == manifest
+    assert not any(tmp_path.glob("**/s3:"))
