@@ -48,16 +48,15 @@ def hash_stage(bits: int, variant: str = "") -> str:
     return f"hash_{variant}_k{bits}" if variant else f"hash_k{bits}"
 
 
-class RunLayout:
-    """Where each artifact of one pretraining run lives."""
+class _Root:
+    """What every run directory has: its manifest, its lease, the resolved config, its figures."""
 
     def __init__(self, root):
         self.root: Location = absolute(root)
 
     def __repr__(self) -> str:
-        return f"RunLayout({self.root})"
+        return f"{type(self).__name__}({self.root})"
 
-    # the run itself
     @property
     def manifest(self) -> Location:
         return self.root / "manifest.json"
@@ -71,16 +70,20 @@ class RunLayout:
         return self.root / "config.yaml"
 
     @property
+    def figures(self) -> Location:
+        return self.root / "figures"
+
+
+class RunLayout(_Root):
+    """Where each artifact of one pretraining run lives."""
+
+    @property
     def metrics(self) -> Location:
         return self.root / "metrics.jsonl"
 
     @property
     def shards(self) -> Location:
         return self.root / "shards"
-
-    @property
-    def figures(self) -> Location:
-        return self.root / "figures"
 
     def figure(self, name: str) -> Location:
         return self.figures / f"{name}.png"
@@ -154,25 +157,10 @@ def ray_storage_of(train_dir) -> Location:
     return train_dir / "ray"
 
 
-class TransferLayout:
+class TransferLayout(_Root):
     """Where each artifact of one detection-transfer run lives (transfer/voc07.py)."""
 
     DATA, TRAIN, TEST = "data", "train", "test"
-
-    def __init__(self, root):
-        self.root: Location = absolute(root)
-
-    @property
-    def manifest(self) -> Location:
-        return self.root / "manifest.json"
-
-    @property
-    def lease(self) -> Location:
-        return self.root / ".lease"
-
-    @property
-    def config(self) -> Location:
-        return self.root / "config.yaml"
 
     def roidb(self, role: str) -> Location:
         return self.root / "data" / f"{role}.npz"
@@ -200,7 +188,3 @@ class TransferLayout:
     @property
     def results_md(self) -> Location:
         return self.root / "results.md"
-
-    @property
-    def figures(self) -> Location:
-        return self.root / "figures"

@@ -87,16 +87,10 @@ def s3_endpoint(tmp_path_factory):
 
     log = tmp_path_factory.mktemp("moto") / "server.log"
     with s3local.s3_server(log_path=str(log)) as endpoint:
-        saved = {k: os.environ.get(k) for k in s3local.env(endpoint)}
-        os.environ.update(s3local.env(endpoint))
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in s3local.env(endpoint).items():
+                mp.setenv(k, v)
             yield endpoint
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 @pytest.fixture
