@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from infra.layout import RunLayout
 from tests.conftest import TOY_RUN, TOY_TRAIN, run_cli
 
 pytestmark = pytest.mark.ray
@@ -17,25 +18,25 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     assert "stage shard: running (not run yet)" in first.stderr
     for stage in ("train_round0", "hash_k16", "eval"):
         assert f"stage {stage}: running (not run yet)" in first.stderr
-    assert (run_dir / "final.safetensors").is_file() and (run_dir / "codes.npy").is_file()
-    assert (run_dir / "figures" / "attributes_k16.png").is_file()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert RunLayout(run_dir).final.is_file() and RunLayout(run_dir).final_codes.is_file()
+    assert RunLayout(run_dir).figure("attributes_k16").is_file()
+    manifest = json.loads(RunLayout(run_dir).manifest.read_text())
     outputs = manifest["stages"]["shard"]["outputs"]
     assert "shards/shards.json" in outputs and len(outputs) == 5  # 19 photos / 5 per shard = 4 tars + index
-    assert (run_dir / "config.yaml").is_file() and (run_dir / "figures" / "patches.png").is_file()
+    assert RunLayout(run_dir).config.is_file() and RunLayout(run_dir).figure("patches").is_file()
     assert any((run_dir / "wandb").glob("offline-run-*"))  # real W&B, offline
 
     second = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert second.returncode == 0, second.stderr
     for stage in ("shard", "features", "cluster_round0", "train_round0", "hash_k16", "eval"):
         assert f"stage {stage}: up to date, skipped" in second.stderr
-    assert json.loads((run_dir / "manifest.json").read_text())["stages"] == manifest["stages"]
+    assert json.loads(RunLayout(run_dir).manifest.read_text())["stages"] == manifest["stages"]
 
     changed = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.jpeg_quality=80"])
     assert changed.returncode == 0 and "stage shard: running (config changed)" in changed.stderr
     assert "stage features: running (inputs changed)" in changed.stderr  # a redo propagates
     assert "stage cluster_round0: running (inputs changed)" in changed.stderr
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(x) for x in RunLayout(run_dir).metrics.read_text().splitlines()]
     assert [m["skipped"] for m in metrics if m.get("stage") == "shard"] == [False, True, False]
     assert sum(m.get("image") == "shard/patches" for m in metrics) == 3
 
@@ -83,8 +84,8 @@ def test_prebuilt_shards_dir_is_recorded_and_checked(tmp_path, shard_dir):
     ok = run_cli([*base, "--set", f"data.shards_dir={shard_dir}", "--set", "data.patch_size_px=32",
                   "--set", "train.arch=alexnet32"])
     assert ok.returncode == 0, ok.stderr
-    assert "shards: 60 patches in 3 shards" in ok.stderr and not (run_dir / "shards").exists()
-    rec = json.loads((run_dir / "manifest.json").read_text())["stages"]["shard"]
+    assert "shards: 60 patches in 3 shards" in ok.stderr and not RunLayout(run_dir).shards.exists()
+    rec = json.loads(RunLayout(run_dir).manifest.read_text())["stages"]["shard"]
     assert rec["config"]["shards_dir"] == str(shard_dir.resolve()) and rec["inputs"]["shards"]
     wrong = run_cli([*base, "--set", f"data.shards_dir={shard_dir}"])
     assert wrong.returncode == 2
@@ -118,25 +119,25 @@ def test_clustering_outputs_and_digits_purity(tmp_path):
     out = run_cli(["pretrain/run.py", "--config", "pretrain/configs/digits.yaml", "--run-dir", str(run_dir),
                    "--set", "tracking.wandb=disabled", *TOY_TRAIN, "--set", "eval.repeats=2"])
     assert out.returncode == 0, out.stderr
-    with np.load(run_dir / "clusters" / "round0.npz", allow_pickle=False) as z:
+    with np.load(RunLayout(run_dir).clusters(0), allow_pickle=False) as z:
         c = len(z["offsets"]) - 1
         assert z["member_index"].shape == z["member_key"].shape == z["member_score"].shape
         assert z["weights"].shape == (c, 32) and z["bias"].shape == z["rank_score"].shape == (c,)
         assert np.all(np.diff(z["rank_score"]) <= 0)  # best cluster first
         assert z["member_key"][0].startswith("digits/")
-    summary = json.loads((run_dir / "clusters" / "round0.json").read_text())
+    summary = json.loads(RunLayout(run_dir).cluster_summary(0).read_text())
     assert summary["clusters"] == c and summary["purity"] > 0.8 and 0 < summary["nmi"] <= 1
-    assert (run_dir / "figures" / "clusters_round0.png").is_file()
-    assert not (run_dir / "clusters" / "round0.work").exists()
-    rows = json.loads((run_dir / "eval" / "retrieval.json").read_text())["results"]
+    assert RunLayout(run_dir).figure("clusters_round0").is_file()
+    assert not RunLayout(run_dir).cluster_work(0).exists()
+    rows = json.loads(RunLayout(run_dir).retrieval.read_text())["results"]
     assert {r["method"] for r in rows} == {"ours", "LSH", "PCAH", "ITQ", "SH"} and all(0 < r["map"] <= 1 for r in rows)
-    assert (run_dir / "figures" / "retrieval_k16.png").is_file()
+    assert RunLayout(run_dir).figure("retrieval_k16").is_file()
     # codes that carry information: every bit splits the patches, and most patches get a code of their own
     # (codes thresholded at another mode's mean once collapsed to 3 distinct values here, at chance mAP)
-    codes = np.unpackbits(np.load(run_dir / "codes.npy"), axis=1)
+    codes = np.unpackbits(np.loadRunLayout(run_dir).final_codes, axis=1)
     share = codes.mean(0)
     assert codes.shape == (1797, 16) and share.min() > 0.15 and share.max() < 0.85, share
-    assert len(np.unique(np.load(run_dir / "codes.npy"), axis=0)) > 500
+    assert len(np.unique(np.loadRunLayout(run_dir).final_codes, axis=0)) > 500
     stats = json.loads((run_dir / "eval" / "codes.json").read_text())["16"]
     assert stats["balance_dev"] < 0.15
     ours = next(r for r in rows if r["method"] == "ours")
