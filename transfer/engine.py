@@ -119,8 +119,9 @@ def detection_loss(model, batch: dict, device: torch.device) -> tuple[torch.Tens
 
 
 def _save(model: FastRCNN, opt, spec: DetectorSpec, it: int) -> Path:
-    return write_checkpoint(model.state_dict(), {"detector": detector_meta(model), "spec": dataclasses.asdict(spec)},
-                            opt, it)
+    where = ("roidb", "out_dir")  # locations of this run, not how the detector was made
+    spec_meta = {k: v for k, v in dataclasses.asdict(spec).items() if k not in where}
+    return write_checkpoint(model.state_dict(), {"detector": detector_meta(model), "spec": spec_meta}, opt, it)
 
 
 def _resume(model: FastRCNN, opt, ckpt: Path | None) -> int:

@@ -43,6 +43,16 @@ from infra.session import Session
 from pretrain.models.checkpoint import log_metrics, read_checkpoint, report_checkpoint, step_seed, write_checkpoint
 
 
+# where a run's inputs and outputs lie: not part of what a checkpoint records (the same weights trained in
+# another run directory must be the same file, byte for byte)
+PATH_FIELDS = ("pixels_path", "clusters_path", "out_dir", "init_from", "hash_init", "skip_pairs")
+
+
+def recipe(spec: "TrainSpec") -> dict:
+    """A spec without its locations: what a weights file records of how it was trained."""
+    return {k: v for k, v in dataclasses.asdict(spec).items() if k not in PATH_FIELDS}
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """Everything one training run needs, as plain values (it travels to Ray workers as a dict)."""
@@ -189,7 +199,7 @@ def _loss(net, spec: TrainSpec, batch: dict, device, gen: torch.Generator,
 
 
 def _save_checkpoint(net: Net, opt, spec: TrainSpec, step: int) -> Path:
-    meta = {"model": model_meta(spec), "mode": spec.mode, "spec": dataclasses.asdict(spec)}
+    meta = {"model": model_meta(spec), "mode": spec.mode, "spec": recipe(spec)}
     return write_checkpoint(state_tensors(net), meta, opt, step)
 
 
