@@ -134,10 +134,10 @@ def test_clustering_outputs_and_digits_purity(tmp_path):
     assert RunLayout(run_dir).figure("retrieval_k16").is_file()
     # codes that carry information: every bit splits the patches, and most patches get a code of their own
     # (codes thresholded at another mode's mean once collapsed to 3 distinct values here, at chance mAP)
-    codes = np.unpackbits(np.loadRunLayout(run_dir).final_codes, axis=1)
+    codes = np.unpackbits(np.load(RunLayout(run_dir).final_codes), axis=1)
     share = codes.mean(0)
     assert codes.shape == (1797, 16) and share.min() > 0.15 and share.max() < 0.85, share
-    assert len(np.unique(np.loadRunLayout(run_dir).final_codes, axis=0)) > 500
+    assert len(np.unique(np.load(RunLayout(run_dir).final_codes), axis=0)) > 500
     stats = json.loads((run_dir / "eval" / "codes.json").read_text())["16"]
     assert stats["balance_dev"] < 0.15
     ours = next(r for r in rows if r["method"] == "ours")
