@@ -79,20 +79,27 @@ class Killed(Exception):
     pass
 
 
+def killed_at(shard_name: str):
+    """A mapper that runs the build's tasks in this process and is 'killed' at the task of `shard_name`."""
+    from infra.ray_edge import serial_map
+
+    def mapper(fn, tasks, **kw):
+        def run(*args):
+            if args[0].name == shard_name:
+                raise Killed
+            return fn(*args)
+        return serial_map(run, tasks, **kw)
+
+    return mapper
+
+
 def test_killed_build_resumes_with_the_shards_it_had_not_finished(tmp_path, small_params):
     from infra.ray_edge import serial_map
 
     src = list_items(str(make_image_folder(tmp_path / "imgs")))  # 6 images -> 3 shards of 2
 
-    def killed_after_two(fn, tasks, **kw):
-        def run(*args):
-            if args[0].name == "shard-000002.tar":
-                raise Killed
-            return fn(*args)
-        return serial_map(run, tasks, **kw)
-
     with pytest.raises(Killed):
-        build_shards(src, tmp_path / "out", small_params, images_per_shard=2, mapper=killed_after_two)
+        build_shards(src, tmp_path / "out", small_params, images_per_shard=2, mapper=killed_at("shard-000002.tar"))
     assert not (tmp_path / "out" / "shards.json").exists()
     written = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
     assert sorted(written) == ["shard-000000.tar", "shard-000001.tar"]

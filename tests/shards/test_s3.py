@@ -11,6 +11,7 @@ from shards.build import build_shards
 from shards.reader import PatchLoader, PatchStream
 from shards.shardset import FORMAT, ShardSet, patch_key
 from shards.sources import list_items
+from tests.shards.test_build import Killed, killed_at
 from shards.store import PatchStore
 from tests.conftest import make_image_folder, run_cli
 
@@ -77,24 +78,13 @@ def test_build_to_a_bucket_reads_back_like_the_same_build_on_disk(bucket, images
         assert np.array_equal(imgs, disk.get(idx))
 
 
-class Killed(Exception):
-    pass
-
-
 def test_killed_build_on_a_bucket_resumes_from_the_listing_of_finished_parts(bucket, images, small_params):
     from infra.ray_edge import serial_map
 
     uri = f"{bucket}/shards"
 
-    def killed_at_two(fn, tasks, **kw):
-        def run(*args):
-            if args[0].name == "shard-000002.tar":
-                raise Killed
-            return fn(*args)
-        return serial_map(run, tasks, **kw)
-
     with pytest.raises(Killed):
-        build_shards(images, uri, small_params, images_per_shard=2, mapper=killed_at_two)
+        build_shards(images, uri, small_params, images_per_shard=2, mapper=killed_at("shard-000002.tar"))
     first = objects(uri)
     assert "shards.json" not in first and "shard-000002.tar" not in first
     assert {"shard-000000.tar", "shard-000000.json", "shard-000001.tar", "shard-000001.json"} <= set(first)
