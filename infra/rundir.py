@@ -191,7 +191,7 @@ class RunDir:
         p = self.path / self.rel(path)
         if self.remote:
             info = p.fs.info(p.path)
-            return {"bytes": int(info["size"]), "sha256": sha256 or storage.sha256_file(p), "etag": _etag(info)}
+            return {"bytes": int(info["size"]), "sha256": sha256 or storage.sha256_file(p), "etag": storage.etag(info)}
         st = p.stat()
         return {"bytes": st.st_size, "sha256": sha256 or storage.sha256_file(p), "mtime_ns": st.st_mtime_ns}
 
@@ -220,7 +220,7 @@ class RunDir:
                 info = p.fs.info(p.path)
             except FileNotFoundError:
                 return True
-            return int(info["size"]) != entry["bytes"] or ("etag" in entry and _etag(info) != entry["etag"])
+            return int(info["size"]) != entry["bytes"] or ("etag" in entry and storage.etag(info) != entry["etag"])
         if not p.is_file():
             return True
         st = p.stat()
@@ -271,7 +271,3 @@ class RunDir:
         self._write(manifest)
         log.info("stage %s: done in %.1fs", name, record["wall_s"])
         return StageResult(name, False, record)
-
-
-def _etag(info: dict) -> str:
-    return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("generation") or "")

@@ -325,6 +325,11 @@ def scratch_dir(prefix: str = "work-") -> Path:
     return Path(tempfile.mkdtemp(dir=root, prefix=prefix))
 
 
+def etag(info: dict) -> str:
+    """An object's version tag from its fsspec info (S3 ETag, GCS md5/generation), '' when it has none."""
+    return str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("generation") or "")
+
+
 def local_copy(path, sha256: str | None = None) -> Path:
     """A local file with the object's bytes: the path itself when local; else a copy in this node's
     cache, keyed by `sha256` (checked after download) or by the object's ETag and size, fetched once."""
@@ -337,7 +342,7 @@ def local_copy(path, sha256: str | None = None) -> Path:
             info = fs.info(key)
         except FileNotFoundError:
             raise FileNotFoundError(str(p)) from None
-        tag = str(info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified"))
+        tag = etag(info) or str(info.get("LastModified"))
         name = hashlib.sha256(f"{p}|{info['size']}|{tag}".encode()).hexdigest()
     else:
         name = sha256
