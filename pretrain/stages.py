@@ -19,7 +19,7 @@ from infra.layout import RunLayout
 from infra.rundir import RunDir, StageResult
 from shards.build import build_shards
 from infra.storage import sha256_file
-from shards.shardset import SHARDS_JSON, ShardSet
+from shards.shardset import FORMAT, SHARDS_JSON, ShardSet
 from shards.sources import Listing, list_items, source_fingerprint
 from shards.store import PatchStore
 from shards.writer import PatchParams
@@ -63,7 +63,8 @@ def shard_stage(cfg: Config, run: RunDir, data: Listing | ShardSet, mapper: Call
                              force=force)
 
     out = RunLayout(run.path).shards
-    config = to_dict(cfg.data) | {"seed": cfg.run.seed}
+    # the shard format is part of the record: shards of an older format are built again on a rerun
+    config = to_dict(cfg.data) | {"seed": cfg.run.seed, "format": FORMAT}
     inputs = {"source": source_fingerprint(data)}
 
     def build():

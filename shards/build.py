@@ -7,7 +7,8 @@
 
 Sources: `demo`, `digits`, an ImageNet-layout folder, a flat folder, a tar of images, a VOC devkit
 (see shards/sources.py). Writes, to a local folder or a bucket URI, per shard `shard-NNNNNN.tar`, its
-record index `shard-NNNNNN.idx.npy` and `shard-NNNNNN.json` (the task's finished part), then
+record index `shard-NNNNNN.idx.npy`, its labels and keys `shard-NNNNNN.meta.npz` and
+`shard-NNNNNN.json` (the task's finished part), then
 `shards.json` (see shards/shardset.py; the record format is in shards/writer.py). Same source + seed ->
 byte-identical shards, wherever they are written.
 """
@@ -49,7 +50,7 @@ def part_name(shard_name: str) -> str:
 
 
 def build_part(path, chunk: list, params: PatchParams, task: str) -> dict:
-    """One build task: the shard and its index part, then (last) `shard-NNNNNN.json` = {task, entry}
+    """One build task: the shard, its index and metadata parts, then (last) `shard-NNNNNN.json` = {task, entry}
     -> the shard's entry."""
     path = storage.to_path(path)
     entry = write_shard(path, chunk, params)
@@ -60,7 +61,7 @@ def build_part(path, chunk: list, params: PatchParams, task: str) -> dict:
 
 def _finished_shards(out, names: list[str], keys: list[str]) -> dict[str, dict]:
     """Shards an interrupted build of the same chunks already finished: those with a `.json` part of
-    the same task key whose tar and index part have the recorded sizes (a listing, not a log)."""
+    the same task key whose tar, index and metadata parts have the recorded sizes (a listing, not a log)."""
     listed = set(storage.list_names(out, "shard-"))
     reuse = {}
     for name, key in zip(names, keys):
@@ -69,9 +70,9 @@ def _finished_shards(out, names: list[str], keys: list[str]) -> dict[str, dict]:
         try:
             rec = json.loads((out / part_name(name)).read_bytes())
             entry = rec["entry"]
-            ok = rec["task"] == key and entry["name"] == name and entry["index"]["name"] in listed \
-                and storage.size_of(out / name) == entry["bytes"] \
-                and storage.size_of(out / entry["index"]["name"]) == entry["index"]["bytes"]
+            ok = rec["task"] == key and entry["name"] == name and storage.size_of(out / name) == entry["bytes"] \
+                and all(entry[p]["name"] in listed and storage.size_of(out / entry[p]["name"]) == entry[p]["bytes"]
+                        for p in ("index", "meta"))
         except (ValueError, KeyError, TypeError):  # a part from another version: build the shard again
             continue
         if ok:
@@ -129,7 +130,7 @@ def build_shards(
         "shards": shards,
     }
     storage.atomic_write_json(out / SHARDS_JSON, index)
-    keep = {p for e in shards for p in (e["name"], e["index"]["name"], part_name(e["name"]))}
+    keep = {p for e in shards for p in (e["name"], e["index"]["name"], e["meta"]["name"], part_name(e["name"]))}
     for stale in storage.list_names(out, "shard-"):  # left by an earlier build with more shards
         if stale not in keep:
             storage.remove(out / stale)

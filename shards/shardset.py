@@ -4,15 +4,17 @@ Patch index i (0 <= i < total) is the i-th patch in shard order; it is the ident
 (features, cluster members, codes all align with it). The shards live in a local folder or under a
 bucket URI (`s3://...`, see infra/storage.py). `shards.json` holds:
 
-  {"format": "discoattr-patches/2", "patch_size_px": 96, "patches_per_record": 16,
+  {"format": "discoattr-patches/3", "patch_size_px": 96, "patches_per_record": 16,
    "source": {...how it was built...}, "classes": [...],
    "shards": [{"name", "patches", "records", "bytes", "sha256", "images", "skipped_images",
-               "index": {"name", "bytes", "sha256"}}, ...]}
+               "index": {"name", "bytes", "sha256"}, "meta": {"name", "bytes", "sha256"}}, ...]}
 
-Each shard `shard-NNNNNN.tar` has an index part `shard-NNNNNN.idx.npy` written with it: an (R, 6) int64
-array, per record: its first tar header's offset, the end of its last member (padded to 512), and the
-(data offset, size) of its `.jpg` and `.json` members. Readers fetch records by these offsets with
-ranged reads; no tar header scan.
+Each shard `shard-NNNNNN.tar` has two parts written with it. Its index part `shard-NNNNNN.idx.npy`: an
+(R, 6) int64 array, per record: its first tar header's offset, the end of its last member (padded to
+512), and the (data offset, size) of its `.jpg` and `.json` members. Readers fetch records by these
+offsets with ranged reads; no tar header scan. Its metadata part `shard-NNNNNN.meta.npz`: every patch's
+label, source key and box as arrays (shards/meta.py), so that nothing reads records to learn them.
+Format /2 had no metadata part: such shards are refused with a line saying to build them again.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from infra import storage
 from infra.storage import Location, StorageError
 
 SHARDS_JSON = "shards.json"
-FORMAT = "discoattr-patches/2"
+FORMAT = "discoattr-patches/3"
 MEMBERS = ("jpg", "json")
 INDEX_SUFFIX = ".idx.npy"
+META_SUFFIX = ".meta.npz"
 BLOCK = 512  # tar block: a header, and data is padded to it
 
 
@@ -48,6 +51,11 @@ def patch_key(source_key: str, box) -> str:
 def index_name(shard_name: str) -> str:
     """`shard-000001.tar` -> `shard-000001.idx.npy`, its record index part."""
     return shard_name.removesuffix(".tar") + INDEX_SUFFIX
+
+
+def meta_name(shard_name: str) -> str:
+    """`shard-000001.tar` -> `shard-000001.meta.npz`, its metadata part (labels, keys, boxes)."""
+    return shard_name.removesuffix(".tar") + META_SUFFIX
 
 
 def one_line(exc: BaseException) -> str:
@@ -88,13 +96,15 @@ class ShardSet:
         except (ValueError, KeyError, TypeError) as exc:
             raise ShardError(f"{index} is not a valid shard index: {exc}") from None
         if info.get("format") != FORMAT:
-            raise ShardError(f"{index} has format {info.get('format')!r}; this version reads {FORMAT!r} "
-                             "(build the shards again)")
+            why = " (no label/key arrays)" if info.get("format") == "discoattr-patches/2" else ""
+            raise ShardError(f"{index} has format {info.get('format')!r}{why}; this version reads {FORMAT!r} "
+                             "(build the shards again: python -m shards.build, or --force shard in a run)")
         try:
             present = set(storage.list_names(root, "shard-"))
         except Exception as exc:  # noqa: BLE001
             raise ShardError(f"cannot list {root}: {one_line(exc)}") from None
-        missing = [n for s in shards for n in (s["name"], s.get("index", {}).get("name", index_name(s["name"])))
+        missing = [n for s in shards for n in (s["name"], s.get("index", {}).get("name", index_name(s["name"])),
+                                               s.get("meta", {}).get("name", meta_name(s["name"])))
                    if n not in present]
         if missing:
             raise ShardError(f"{len(missing)} shard part(s) listed in {index} are missing, first: {missing[0]}")
@@ -121,6 +131,13 @@ class ShardSet:
             sha = self.info["shards"][shard].get("index", {}).get("sha256")
             self._offsets[shard] = record_offsets(str(self.path(shard)), sha)
         return self._offsets[shard]
+
+    def meta_file(self, shard: int) -> Path:
+        """A local file with the shard's metadata part (from a bucket: the node cache), checked against
+        the sha256 in shards.json once per process."""
+        entry = self.info["shards"][shard].get("meta", {})
+        uri = str(self.root / entry.get("name", meta_name(self.names[shard])))
+        return _checked_copy(uri, entry.get("sha256"), "metadata part")
 
     def locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global indices (n,) -> (shard ids (n,), positions within the shard (n,))."""
@@ -193,6 +210,22 @@ def table_bytes(table: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(table, np.int64), allow_pickle=False)
     return buf.getvalue()
+
+
+@lru_cache(maxsize=None)
+def _checked_copy(uri: str, sha256: str | None, what: str) -> Path:
+    """A local copy of a part whose sha256 shards.json records (checked once per process; the node cache
+    checks a copy from a bucket as it fetches it). One-line ShardError when missing or changed."""
+    try:
+        local = storage.local_copy(uri, sha256)
+        if sha256 is not None and not storage.is_remote(uri) and storage.sha256_file(local) != sha256:
+            raise StorageError(f"{uri}: content does not match its sha256 in {SHARDS_JSON} (build the "
+                               "shards again)")
+    except FileNotFoundError:
+        raise ShardError(f"{uri}: the shard's {what} is missing (build the shards again)") from None
+    except StorageError as exc:
+        raise ShardError(str(exc)) from None
+    return Path(local)
 
 
 @lru_cache(maxsize=1024)

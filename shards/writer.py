@@ -12,7 +12,8 @@ holds up to `patches_per_record` consecutive patches of a shard as two members,
 Every record but a shard's last holds exactly `patches_per_record` patches, so patch j of a shard
 lives in record j // patches_per_record at slot j % patches_per_record. Each shard comes with its record
 index part, the byte offsets of every record and member (see shards/shardset.py), which readers use
-instead of scanning the tar.
+instead of scanning the tar, and its metadata part, the records' keys, boxes and labels once more as
+arrays (shards/meta.py), which drivers read instead of the records' JSON.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from PIL import Image
 
 from infra import storage
 from shards.patches import crop_patches, image_patches
-from shards.shardset import index_name, offsets_table, table_bytes
+from shards.meta import meta_bytes
+from shards.shardset import index_name, meta_name, offsets_table, table_bytes
 from shards.sources import Item, load_image
 
 log = logging.getLogger(__name__)
@@ -119,11 +121,14 @@ def iter_image_patches(items: Iterable[Item], params: PatchParams, skipped: list
             yield item.key, box.tolist(), label, patch
 
 
-def _records(patch_iter: Iterator[tuple], params: PatchParams) -> Iterator[tuple[dict, int]]:
+def _records(patch_iter: Iterator[tuple], params: PatchParams, seen: list | None = None) -> Iterator[tuple[dict, int]]:
+    """Records of up to `patches_per_record` patches; each patch's (key, box, label) is appended to `seen`."""
     buf: list[tuple] = []
     first = 0
     for entry in patch_iter:
         buf.append(entry)
+        if seen is not None:
+            seen.append(entry[:3])
         if len(buf) == params.patches_per_record:
             yield _record(buf, first, params), len(buf)
             first += len(buf)
@@ -145,26 +150,27 @@ def _record(buf: list[tuple], first: int, params: PatchParams) -> dict:
 
 
 def write_shard(path, items: list[Item], params: PatchParams) -> dict:
-    """Writes one write-once shard and its record index part at `path` (a local path or a URI) and
-    returns its shards.json entry: {name, patches, records, bytes, sha256, images, skipped_images,
-    index: {name, bytes, sha256}}.
+    """Writes one write-once shard, its record index part and its metadata part at `path` (a local path
+    or a URI) and returns its shards.json entry: {name, patches, records, bytes, sha256, images,
+    skipped_images, index: {name, bytes, sha256}, meta: {name, bytes, sha256}}.
 
     Locally the tar is written under a temporary name next to `path`, then renamed; for an object
     store it is written to a node-local scratch file and uploaded in one PUT. Either way the index part
-    comes from one scan of the finished local tar, and is written after it."""
+    comes from one scan of the finished local tar, and both parts are written after it."""
     path = storage.to_path(path)
     remote = storage.is_remote(path)
     scratch = storage.scratch_dir("shard-") if remote else None
     tmp = scratch / path.name if remote else path.with_name(path.name + f".{os.getpid()}.tmp")
     try:
         skipped: list[str] = []
+        seen: list[tuple] = []  # (key, box, label) per patch, for the metadata part
         n_patches = n_records = 0
         with open(tmp, "wb") as raw:
             sink = _HashingFile(raw)
             # mtime fixed so that the same input gives byte-identical shards (stable checksums); an int,
             # since a float mtime makes tarfile add a 1 KiB PAX header to every member.
             with wds.TarWriter(sink, encoder=False, mtime=0) as writer:
-                for record, n in _records(iter_image_patches(items, params, skipped), params):
+                for record, n in _records(iter_image_patches(items, params, skipped), params, seen):
                     writer.write(record)
                     n_records += 1
                     n_patches += n
@@ -182,8 +188,11 @@ def write_shard(path, items: list[Item], params: PatchParams) -> dict:
         else:
             Path(tmp).unlink(missing_ok=True)
     index = storage.put_part(path.with_name(index_name(path.name)), table_bytes(table))
+    keys, boxes, labels = zip(*seen) if seen else ((), np.zeros((0, 4)), ())
+    meta = storage.put_part(path.with_name(meta_name(path.name)), meta_bytes(list(keys), boxes, labels))
     return {
         "name": path.name, "patches": n_patches, "records": n_records, "bytes": sink.nbytes,
         "sha256": sink.sha.hexdigest(), "images": len(items) - len(skipped), "skipped_images": skipped,
         "index": {"name": index_name(path.name), "bytes": index["size"], "sha256": index["sha256"]},
+        "meta": {"name": meta_name(path.name), "bytes": meta["size"], "sha256": meta["sha256"]},
     }

@@ -24,6 +24,9 @@ def test_index_lists_counts_sizes_checksums(shard_dir, small_params):
         idx = shard_dir / s["index"]["name"]
         assert idx.name == s["name"].replace(".tar", ".idx.npy")
         assert hashlib.sha256(idx.read_bytes()).hexdigest() == s["index"]["sha256"]
+        meta = shard_dir / s["meta"]["name"]
+        assert meta.name == s["name"].replace(".tar", ".meta.npz")
+        assert hashlib.sha256(meta.read_bytes()).hexdigest() == s["meta"]["sha256"]
         part = json.loads((shard_dir / s["name"].replace(".tar", ".json")).read_text())
         assert part["entry"] == s and len(part["task"]) == 16
     with tarfile.open(shard_dir / "shard-000000.tar") as tar:
@@ -43,6 +46,7 @@ def test_same_source_and_seed_give_identical_shards(tmp_path, shard_dir, small_p
     info = build_shards(list_items(str(src)), tmp_path / "again", small_params, images_per_shard=2)
     first = json.loads((shard_dir / "shards.json").read_text())
     assert [s["sha256"] for s in info["shards"]] == [s["sha256"] for s in first["shards"]]
+    assert [s["meta"]["sha256"] for s in info["shards"]] == [s["meta"]["sha256"] for s in first["shards"]]
 
 
 def test_unreadable_image_is_skipped_and_reported(tmp_path, small_params):
@@ -58,7 +62,7 @@ def test_rebuild_with_fewer_shards_removes_stale_ones(tmp_path, small_params):
     build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=1)
     build_shards(list_items(str(src)), tmp_path / "out", small_params, images_per_shard=3)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "shard-000000.idx.npy", "shard-000000.json", "shard-000000.tar", "shards.json"]
+        "shard-000000.idx.npy", "shard-000000.json", "shard-000000.meta.npz", "shard-000000.tar", "shards.json"]
 
 
 def test_cli_builds_digits_and_rejects_missing_source(tmp_path):

@@ -57,12 +57,13 @@ def test_build_to_a_bucket_reads_back_like_the_same_build_on_disk(bucket, images
     assert list(tmp_path.iterdir()) == []
     stored = objects(uri)
     assert sorted(stored) == sorted(["shards.json"] + [f"shard-{i:06d}{ext}" for i in range(3)
-                                                       for ext in (".tar", ".idx.npy", ".json")])
+                                                       for ext in (".tar", ".idx.npy", ".meta.npz", ".json")])
     assert json.loads(stored["shards.json"]) == info
     for e in info["shards"]:
         assert hashlib.sha256(stored[e["name"]]).hexdigest() == e["sha256"]
         assert stored[e["name"]] == (shard_dir / e["name"]).read_bytes()
         assert hashlib.sha256(stored[e["index"]["name"]]).hexdigest() == e["index"]["sha256"]
+        assert hashlib.sha256(stored[e["meta"]["name"]]).hexdigest() == e["meta"]["sha256"]
 
     shards = ShardSet.open(uri)
     assert str(shards.root) == uri and str(shards.path(1)) == f"{uri}/shard-000001.tar"
@@ -70,6 +71,7 @@ def test_build_to_a_bucket_reads_back_like_the_same_build_on_disk(bucket, images
     every = np.arange(len(disk))
     assert np.array_equal(store.get(every[::-1]), disk.get(every[::-1]))
     assert store.meta(every) == disk.meta(every)
+    assert np.array_equal(store.labels(every), disk.labels(every)) and store.keys(every) == disk.keys(every)
     keys = [patch_key(m["key"], m["box"]) for m in disk.meta([5, 41, 0])]
     assert store.index_of(keys).tolist() == [5, 41, 0]
     for workers in (0, 2):  # loader workers are forked: each needs its own S3 client
@@ -114,7 +116,8 @@ def test_killed_build_on_a_bucket_resumes_from_the_listing_of_finished_parts(buc
     assert ran == ["shard-000000.tar"] and objects(uri) == after
     # fewer shards: the stale parts of the others go
     build_shards(images, uri, small_params, images_per_shard=6)
-    assert sorted(objects(uri)) == ["shard-000000.idx.npy", "shard-000000.json", "shard-000000.tar", "shards.json"]
+    assert sorted(objects(uri)) == ["shard-000000.idx.npy", "shard-000000.json", "shard-000000.meta.npz",
+                                    "shard-000000.tar", "shards.json"]
 
 
 def test_truncated_shard_on_a_bucket_is_skipped_and_counted(bucket, images, small_params):

@@ -42,8 +42,9 @@ def test_damaged_record_is_a_shard_error(shard_copy):
         f.seek(int(offs.members["jpg"][1][0]))
         f.write(b"\x00" * 64)
     store = PatchStore(shard_copy)
-    with pytest.raises(ShardError, match="record 0 metadata is damaged"):
-        store.meta([0])
+    # metadata comes from the shard's metadata part, not the records' JSON: a damaged record JSON costs
+    # the stream that record (tests/shards/test_reader.py) but not the labels and keys
+    assert store.meta([0])[0]["key"] == "cat/cat_0.jpg" and store.labels([0]).tolist() == [0]
     with pytest.raises(ShardError, match="record 1 does not decode"):
         store.get([5])
     assert store.get([9]).shape == (1, 32, 32, 3)
@@ -73,7 +74,58 @@ def test_old_format_is_a_clear_error(shard_copy):
 
     info = json.loads((shard_copy / "shards.json").read_text())
     (shard_copy / "shards.json").write_text(json.dumps({**info, "format": "discoattr-patches/1"}))
-    with pytest.raises(ShardError, match="this version reads 'discoattr-patches/2'"):
+    with pytest.raises(ShardError, match="this version reads 'discoattr-patches/3'"):
+        PatchStore(shard_copy)
+
+
+def test_shards_without_label_arrays_are_refused_with_a_line_to_rebuild(shard_copy):
+    """Format /2 (before the metadata parts): one line saying to build again, not a slow JSON fallback."""
+    import json
+
+    from shards.shardset import ShardError
+
+    info = json.loads((shard_copy / "shards.json").read_text())
+    for e in info["shards"]:
+        (shard_copy / e.pop("meta")["name"]).unlink()
+    (shard_copy / "shards.json").write_text(json.dumps({**info, "format": "discoattr-patches/2"}))
+    with pytest.raises(ShardError, match=r"format 'discoattr-patches/2' \(no label/key arrays\); .*\(build the "
+                                         r"shards again: python -m shards.build, or --force shard") as err:
+        PatchStore(shard_copy)
+    assert "\n" not in str(err.value)
+
+
+def test_labels_and_keys_come_from_the_metadata_parts(shard_dir, monkeypatch):
+    """The arrays written at build time give what the records' JSON holds, with no record read."""
+    from shards.shardset import patch_key
+
+    stream = {x["index"]: x for x in PatchStream(shard_dir, rank=0, world_size=1)}
+    store = PatchStore(shard_dir)
+
+    def no_records(*a, **k):
+        raise AssertionError("a record was read for metadata")
+
+    monkeypatch.setattr(store, "_members", no_records)
+    every = np.arange(len(store))
+    assert store.labels(every).tolist() == [stream[i]["label"] for i in range(60)]
+    assert store.keys(every[::-1]) == [stream[i]["key"] for i in range(59, -1, -1)]
+    meta = store.meta([7, 33])
+    assert [patch_key(m["key"], m["box"]) for m in meta] == store.keys([7, 33])
+    sources, image = store.sources()
+    assert sources[image].tolist() == [m["key"] for m in store.meta(every)] and len(sources) == 6
+    assert store.index_of(store.keys([41, 2])).tolist() == [41, 2]
+
+
+def test_damaged_or_missing_metadata_part_is_a_shard_error(shard_copy):
+    from shards.shardset import ShardError
+
+    part = shard_copy / "shard-000001.meta.npz"
+    part.write_bytes(part.read_bytes()[:-7])
+    store = PatchStore(shard_copy)
+    assert store.labels([0, 59]).shape == (2,)  # the other shards' parts are fine
+    with pytest.raises(ShardError, match="shard-000001.meta.npz: content does not match its sha256"):
+        store.labels([25])
+    part.unlink()
+    with pytest.raises(ShardError, match="1 shard part.* missing, first: shard-000001.meta.npz"):
         PatchStore(shard_copy)
 
 
