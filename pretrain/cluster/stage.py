@@ -34,7 +34,7 @@ from infra import layout, storage
 from infra.layout import RunLayout
 from infra.rundir import RunDir, StageResult
 from infra.storage import atomic_write_json, atomic_write_npz
-from shards.shardset import ShardError, patch_key
+from shards.shardset import ShardError
 from shards.store import PatchStore
 
 log = logging.getLogger(__name__)
@@ -55,21 +55,23 @@ def discovery_params(cfg: Config, round_: int = 0) -> DiscoveryParams:
 
 
 def natural_rows(store: PatchStore, pattern: str) -> np.ndarray:
-    """Global rows of the patches whose source key matches the glob `pattern` (the natural world)."""
-    keys = [m["key"] for m in store.meta(np.arange(len(store)))]
-    rows = np.flatnonzero([fnmatch.fnmatchcase(k, pattern) for k in keys])
-    if len(rows) == 0 or len(rows) == len(keys):
-        raise ClusteringError(f"cluster.natural_world {pattern!r} matches {len(rows)} of {len(keys)} patches "
-                              f"(source keys look like {keys[0]!r}); it must name some but not all")
-    log.info("natural world: %d of %d patches match %r", len(rows), len(keys), pattern)
+    """Global rows of the patches whose source key matches the glob `pattern` (the natural world). The
+    glob is tested once per source image, on the shards' metadata arrays."""
+    sources, image = store.sources()
+    hit = np.fromiter((fnmatch.fnmatchcase(s, pattern) for s in sources.tolist()), bool, len(sources))
+    rows = np.flatnonzero(hit[image])
+    if len(rows) == 0 or len(rows) == len(image):
+        raise ClusteringError(f"cluster.natural_world {pattern!r} matches {len(rows)} of {len(image)} patches "
+                              f"(source keys look like {str(sources[0])!r}); it must name some but not all")
+    log.info("natural world: %d of %d patches match %r", len(rows), len(image), pattern)
     return rows
 
 
 def write_clusters(path, clusters: Clusters, store: PatchStore, top_m: int) -> np.ndarray:
-    """Writes the cluster file (module docstring); returns the members' labels (-1: none)."""
-    meta = store.meta(clusters.member_index)
-    keys = np.array([patch_key(m["key"], m["box"]) for m in meta], dtype=np.str_)
-    labels = np.array([m["label"] for m in meta], np.int64)
+    """Writes the cluster file (module docstring); returns the members' labels (-1: none). Keys and
+    labels come from the shards' metadata arrays."""
+    keys = np.array(store.keys(clusters.member_index), dtype=np.str_)
+    labels = store.labels(clusters.member_index)
     rank = np.array([s[:top_m].mean() for s in clusters.scores()], np.float32)
     atomic_write_npz(path, member_index=clusters.member_index, offsets=clusters.offsets, member_key=keys,
                      member_score=clusters.member_score, weights=clusters.weights, bias=clusters.bias,
