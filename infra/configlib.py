@@ -33,9 +33,11 @@ def _check(ok: bool, key: str, rule: str, value) -> None:
 class RayConfig:
     address: str = ""  # empty: $RAY_ADDRESS when set (ray job submit), else a local instance
     num_cpus: int = 0  # local instance only; 0 = all cores
+    task_retries: int = 2  # times Ray reruns a task whose worker or node died (spot nodes: more); -1: always
 
     def __post_init__(self):
         _check(self.num_cpus >= 0, "ray.num_cpus", ">= 0", self.num_cpus)
+        _check(self.task_retries >= -1, "ray.task_retries", ">= -1", self.task_retries)
 
 
 @dataclass(frozen=True)
@@ -94,13 +96,28 @@ def _coerce(key: str, value, typ):
     raise ConfigError(f"config key {key}: expected {typ.__name__}, got {value!r}")
 
 
+def unknown_key(root, key: str) -> ConfigError:
+    """The error for a dotted `key` that `root` does not have: what replaced it when its section names
+    it in a `RENAMED` class attribute ({old name: what to use instead}), else the valid keys."""
+    cls, *parents, last = [root, *key.split(".")]
+    for name in parents:
+        hints = typing.get_type_hints(cls)
+        cls = hints.get(name)
+        if not is_dataclass(cls):
+            break
+    instead = getattr(cls, "RENAMED", {}).get(last) if is_dataclass(cls) else None
+    if instead:
+        return ConfigError(f"config key '{key}' is gone: use {instead}")
+    return ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(valid_keys(root))}")
+
+
 def _build(cls, values: dict, prefix: str = "", root=None):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     root = root or cls
     for k in values:
         if k not in names:
-            raise ConfigError(f"unknown config key '{prefix}{k}'; valid keys: {', '.join(valid_keys(root))}")
+            raise unknown_key(root, f"{prefix}{k}")
     kwargs = {}
     for f in fields(cls):
         if f.name not in values:
@@ -167,7 +184,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, root, def
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         if key not in keys:
-            raise ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(keys)}")
+            raise unknown_key(root, key)
         _set_dotted(tree, key, _parse_override(key, raw, root))
     return _build(root, tree)
 

@@ -119,16 +119,18 @@ def _in_flight_limit(num_cpus: float, num_gpus: float) -> int:
 
 
 def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1, num_gpus: float = 0,
-            on_result: Callable[[int, object], None] | None = None) -> list:
+            on_result: Callable[[int, object], None] | None = None, max_retries: int = 2) -> list:
     """Runs fn(*args) for each tuple as Ray tasks; returns results in input order (progress bar).
-    `on_result(i, result)` is called in the driver as each task finishes, in completion order.
+    `on_result(i, result)` is called in the driver as each task finishes, in completion order. A task
+    whose worker or node dies is rerun up to `max_retries` times (-1: always); an exception it raises
+    is not retried (the tasks are deterministic: it would raise again).
 
     At most a few times the cluster's capacity is in flight; each finished task's result is fetched
     once, in completion order, and its object reference dropped, so the object store frees it."""
     import ray
     from tqdm.auto import tqdm
 
-    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=2)(fn)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)(fn)
     results: list = [None] * len(arg_tuples)
     window = _in_flight_limit(num_cpus, num_gpus)
     position: dict = {}  # in-flight reference -> input index
@@ -158,8 +160,8 @@ def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: f
 
 
 def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1, num_gpus: float = 0,
-               on_result: Callable[[int, object], None] | None = None) -> list:
-    """The same contract as `ray_map`, in this process."""
+               on_result: Callable[[int, object], None] | None = None, max_retries: int = 0) -> list:
+    """The same contract as `ray_map`, in this process (nothing to retry: an error is raised)."""
     from tqdm.auto import tqdm
 
     results = []

@@ -244,9 +244,11 @@ class RunDir:
 
     def run_stage(
         self, name: str, fn: Callable[[], dict], *, config: dict, inputs: dict, force: bool = False,
+        resources: dict | None = None,
     ) -> StageResult:
         """Runs `fn` unless the stage is up to date. `fn` returns {output location: sha256, a part record
-        {key, size, sha256}, or None (hash it here)}; outputs lie inside the run directory."""
+        {key, size, sha256}, or None (hash it here)}; outputs lie inside the run directory. `resources`
+        (what it ran on: workers, batch per worker, ...) are recorded as they were, not hashed."""
         reason = "forced" if force else self.why_not_done(name, config, inputs)
         if reason is None:
             log.info("stage %s: up to date, skipped", name)
@@ -266,6 +268,8 @@ class RunDir:
             "outputs": outputs, "wall_s": round(time.perf_counter() - t0, 3),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if resources:
+            record["resources"] = resources
         manifest = self.manifest()
         manifest["stages"][name] = record
         self._write(manifest)

@@ -38,15 +38,12 @@ from infra import layout
 from infra.layout import RunLayout, ray_storage_of
 from infra.rundir import RunDir, StageResult
 from pretrain.train.loop import TrainSpec
-from pretrain.train.stage import ensure_member_pixels, fit, member_count, round_steps, skip_pairs, spec_common
+from pretrain.train.stage import (NOT_HASHED, ensure_member_pixels, fit, member_count, resources, round_steps,
+                                  skip_pairs, spec_common, step_recipe)
 from infra.storage import atomic_write_json, sha256_file
 from shards.store import PatchStore
 
 log = logging.getLogger(__name__)
-
-# resources, not results, and settings of later stages: changing them must not redo a finished round
-NOT_HASHED = ("num_workers", "use_gpu", "cpus_per_worker", "loader_workers", "amp", "checkpoint_every",
-              "max_failures", "rounds", "feature_layer", "feature_fit_patches")
 
 
 def round_paths(run: RunDir, r: int) -> dict:
@@ -91,19 +88,20 @@ def train_round_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, 
     def work():
         pixels = ensure_member_pixels(shards_root, paths["clusters"], paths["members"], mapper)
         t = cfg.train
-        steps = round_steps(member_count(paths["clusters"]), t.views_per_member, t.epochs,
-                            t.batch_size_per_worker, t.num_workers, t.max_steps_per_round)
+        steps = round_steps(member_count(paths["clusters"]), t.views_per_member, t.epochs, t.global_batch,
+                            t.max_steps_per_round)
         previous = round_paths(run, round_ - 1)["model"] if round_ > 0 else None
         skip = skip_pairs(pixels, paths["clusters"], previous, None, t.skip_similar, seed=cfg.run.seed,
                           out=paths["train"] / "similar.npz") if similar else ""
         spec = TrainSpec(mode="cluster", pixels_path=str(pixels), clusters_path=str(paths["clusters"]),
                          out_dir=str(paths["train"]), init_from=str(previous) if continued else "", steps=steps,
-                         batch_size_per_worker=t.batch_size_per_worker, lr=t.lr, skip_pairs=str(skip),
+                         **step_recipe(cfg, t), skip_pairs=str(skip),
                          **spec_common(cfg))
         out = fit(trainer, spec, inputs, ray_storage_of(paths["train"]), f"round{round_}", paths["model"])
         return {out: None}
 
-    return run.run_stage(layout.train_stage(round_), work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.train_stage(round_), work, config=config, inputs=inputs, force=force,
+                         resources=resources(cfg, cfg.train))
 
 
 def round_report_stage(cfg: Config, run: RunDir, shards_root: Path, round_: int, force: bool = False) -> StageResult:

@@ -10,6 +10,7 @@ config to arguments.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from infra import configlib
@@ -18,6 +19,14 @@ from infra.configlib import (ConfigError, RayConfig, TrackingConfig, _check, con
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+LR_SCALING = ("linear", "sqrt", "none")
+
+
+def scaled_lr(lr: float, global_batch: int, base_batch: int, rule: str) -> float:
+    """The rate at `global_batch` of one chosen at `base_batch`: linear (Goyal et al. 2017, "Accurate,
+    large minibatch SGD"), sqrt (the variance-preserving rule), or none."""
+    ratio = global_batch / base_batch
+    return lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[rule]
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,8 @@ class TrainConfig:
     sec. 3.1; pretrain/train/). Round r trains on clusters/roundR.npz; its fc7 features, PCA-whitened
     to features.out_dim, are what round r+1 clusters."""
 
+    RENAMED: ClassVar[dict] = {"batch_size_per_worker": "train.global_batch (one step's samples over all workers)"}
+
     arch: str = "alexnet96"  # alexnet96 (96x96 patches) | alexnet32 (32x32, the paper's CIFAR setting)
     width: float = 1.0  # channel multiplier; 1 = AlexNet widths
     dropout: float = 0.5
@@ -162,8 +173,15 @@ class TrainConfig:
     # a pass, 0.87 after one, 0.85 after two, 0.76 after four; README)
     epochs: float = 1.0
     max_steps_per_round: int = 0  # > 0 caps a round's steps (tests, demos)
-    batch_size_per_worker: int = 64
+    # The recipe does not change with the cluster: global_batch samples per SGD step over all workers
+    # (each of train.num_workers takes global_batch / num_workers), and lr is the rate at lr_base_batch,
+    # scaled to global_batch by lr_scaling: linear (Goyal et al. 2017) | sqrt | none. The manifest records
+    # the batch per worker and the rate used (train stages' "resources").
+    global_batch: int = 64
     lr: float = 0.01
+    lr_base_batch: int = 64
+    lr_scaling: str = "linear"
+    warmup_steps: int = 0  # linear warm-up of the rate from 0 (large global batches, Goyal et al.)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     aug_scale: tuple[float, float] = (0.5, 1.0)  # random-resized-crop area range
@@ -181,8 +199,12 @@ class TrainConfig:
     cpus_per_worker: float = 1.0
     loader_workers: int = 0  # DataLoader processes per worker
     amp: bool = True  # bf16 autocast on GPUs
+    # none | bf16: DDP all-reduces gradients in bf16 (half the bytes between nodes; torch's
+    # bf16_compress_hook). Off by default: it rounds the summed gradients
+    grad_compression: str = "none"
     checkpoint_every: int = 200  # steps
-    max_failures: int = 1  # worker failures Ray Train recovers from the last checkpoint
+    # worker failures Ray Train recovers from the last checkpoint within a stage; -1: any number (spot nodes)
+    max_failures: int = 1
 
     def __post_init__(self):
         _check(self.arch in ("alexnet96", "alexnet32"), "train.arch", "alexnet96 | alexnet32", self.arch)
@@ -190,11 +212,17 @@ class TrainConfig:
         _check(0 <= self.skip_similar <= 1, "train.skip_similar", "in [0, 1]", self.skip_similar)
         _check(self.width > 0, "train.width", "> 0", self.width)
         _check(0 <= self.dropout < 1, "train.dropout", "in [0, 1)", self.dropout)
-        for key in ("rounds", "views_per_member", "batch_size_per_worker", "feature_fit_patches", "num_workers",
-                    "checkpoint_every"):
+        for key in ("rounds", "views_per_member", "global_batch", "lr_base_batch", "feature_fit_patches",
+                    "num_workers", "checkpoint_every"):
             _check(getattr(self, key) >= 1, f"train.{key}", ">= 1", getattr(self, key))
-        for key in ("max_steps_per_round", "loader_workers", "max_failures"):
+        for key in ("max_steps_per_round", "loader_workers", "warmup_steps"):
             _check(getattr(self, key) >= 0, f"train.{key}", ">= 0", getattr(self, key))
+        _check(self.max_failures >= -1, "train.max_failures", ">= -1 (-1: any number)", self.max_failures)
+        _check(self.global_batch % self.num_workers == 0, "train.global_batch",
+               f"a multiple of train.num_workers={self.num_workers}", self.global_batch)
+        _check(self.lr_scaling in LR_SCALING, "train.lr_scaling", " | ".join(LR_SCALING), self.lr_scaling)
+        _check(self.grad_compression in ("none", "bf16"), "train.grad_compression", "none | bf16",
+               self.grad_compression)
         _check(min(self.lr, self.cpus_per_worker, self.epochs) > 0, "train.lr/cpus_per_worker/epochs", "> 0",
                (self.lr, self.cpus_per_worker, self.epochs))
         _check(0 < self.aug_scale[0] <= self.aug_scale[1] <= 1, "train.aug_scale", "0 < lo <= hi <= 1",
@@ -207,6 +235,8 @@ class TrainConfig:
 class HashConfig:
     """Stage 4: K-bit attributes by the triplet hashing loss (paper sec. 3.2, Eq. 1-4; DESIGN.md
     states the departures from the printed Eq. 2). Fine-tunes the last round's trunk with W."""
+
+    RENAMED: ClassVar[dict] = {"batch_size_per_worker": "hash.global_batch (one step's samples over all workers)"}
 
     code_bits: int = 32  # K of final.safetensors and codes.npy
     extra_bits: tuple[int, ...] = ()  # more code lengths trained and evaluated (e.g. [16, 64])
@@ -227,8 +257,11 @@ class HashConfig:
     views_per_member: int = 20
     epochs: float = 1.0  # one pass over the views, as train.epochs (digits: measured only at 1)
     max_steps: int = 0  # > 0 caps the steps
-    batch_size_per_worker: int = 64
+    # as train: samples per step over all train.num_workers; lr is the rate at lr_base_batch, scaled
+    # by train.lr_scaling
+    global_batch: int = 64
     lr: float = 0.001
+    lr_base_batch: int = 64
     # The trunk moves 10x slower than W: on digits, fine-tuning it at W's rate lost 0.05 mAP of the
     # PCA+ITQ start (0.858 -> 0.806 at 32 bits, 100 steps), at 0.1x 0.014 (-> 0.845)
     trunk_lr_scale: float = 0.1
@@ -242,7 +275,7 @@ class HashConfig:
         _check(0 <= self.skip_similar <= 1, "hash.skip_similar", "in [0, 1]", self.skip_similar)
         _check(min(self.alpha, self.beta, self.gamma) >= 0, "hash.alpha/beta/gamma", ">= 0",
                (self.alpha, self.beta, self.gamma))
-        for key in ("views_per_member", "batch_size_per_worker"):
+        for key in ("views_per_member", "global_batch", "lr_base_batch"):
             _check(getattr(self, key) >= 1, f"hash.{key}", ">= 1", getattr(self, key))
         _check(self.trunk_lr_scale >= 0, "hash.trunk_lr_scale", ">= 0", self.trunk_lr_scale)
         _check(self.max_steps >= 0 and min(self.lr, self.epochs) > 0, "hash.max_steps/lr/epochs", ">= 0 / > 0",
@@ -287,6 +320,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _check(self.hash.global_batch % self.train.num_workers == 0, "hash.global_batch",
+               f"a multiple of train.num_workers={self.train.num_workers}", self.hash.global_batch)
 
 
 def valid_keys(cls=Config, prefix: str = "") -> list[str]:

@@ -72,9 +72,10 @@ def run(cfg, run_dir, force: list[str]) -> dict:
     run.lock()
     lay = RunLayout(run.path)
     atomic_write_text(lay.config, dump_yaml(cfg))
-    from infra.ray_edge import connect, node_gpus, ray_map
+    from infra.ray_edge import connect, node_gpus
 
     log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
+    ray_map = task_map_for(cfg, gpus=0)
     gpus = node_gpus()
     if cfg.cluster.gpus_per_task > gpus:  # such tasks would wait forever
         raise ConfigError(f"cluster.gpus_per_task is {cfg.cluster.gpus_per_task} but no node of the Ray cluster "
@@ -100,7 +101,7 @@ def run(cfg, run_dir, force: list[str]) -> dict:
         tracker.log({"stage": "features", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
         log_stage = functools.partial(_log_stage, tracker, lay)
         reports = alternate(cfg, run, index.root, trainer=trainer_for(cfg), task_map=task_map_for(cfg),
-                            cluster_map=functools.partial(ray_map, num_gpus=cfg.cluster.gpus_per_task),
+                            cluster_map=task_map_for(cfg, gpus=cfg.cluster.gpus_per_task),
                             log_stage=log_stage, force=force)
         for bits in cfg.hash.all_bits:
             result = hash_stage(cfg, run, index.root, bits, trainer_for(cfg), task_map_for(cfg), force="hash" in force)
@@ -114,15 +115,18 @@ def run(cfg, run_dir, force: list[str]) -> dict:
         run.unlock()
 
 
-def task_map_for(cfg):
-    """Ray tasks for CNN inference (features, codes): one GPU share each when training uses GPUs."""
+def task_map_for(cfg, gpus: float | None = None):
+    """Ray tasks with the configured retries (ray.task_retries); `gpus` each, by default the share for
+    CNN inference (features, codes): a quarter GPU when training uses GPUs."""
     from infra.ray_edge import ray_map
 
-    return functools.partial(ray_map, num_gpus=0.25 if cfg.train.use_gpu else 0)
+    gpus = (0.25 if cfg.train.use_gpu else 0) if gpus is None else gpus
+    return functools.partial(ray_map, num_gpus=gpus, max_retries=cfg.ray.task_retries)
 
 
 def trainer_for(cfg):
-    """Ray Train with the configured workers: trainer(config, name=..., storage_path=...)."""
+    """Ray Train with the configured workers: trainer(config, name=..., storage_path=...); a stage
+    recovers from train.max_failures worker failures (-1: any number) at its last checkpoint."""
     from infra.ray_edge import ray_train
 
     return functools.partial(ray_train, train_worker, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,

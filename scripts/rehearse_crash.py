@@ -40,7 +40,7 @@ SETTINGS = [
     "data.patches_per_image=12", "data.images_per_shard=4", "tracking.wandb=disabled",
     "features.out_dim=32", "features.gmm_components=8", "features.desc_pca_dim=32",
     "train.rounds=1", "train.width=0.125", "train.max_steps_per_round=8", "train.checkpoint_every=2",
-    "train.batch_size_per_worker=16", "hash.max_steps=6", "hash.batch_size_per_worker=16",
+    "train.global_batch=16", "hash.max_steps=6", "hash.global_batch=16",
     "hash.code_bits=16", "hash.extra_bits=[]", "ray.num_cpus=2",
 ]
 # (stage whose start arms the kill, seconds after it starts; "checkpoint": once Ray Train wrote one)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 # stages 3-5 at toy size: one round, a few steps of a narrow trunk, one code length
 TOY_TRAIN = [
     "--set", "train.rounds=1", "--set", "train.width=0.125", "--set", "train.max_steps_per_round=3",
-    "--set", "train.batch_size_per_worker=16", "--set", "hash.max_steps=3", "--set", "hash.batch_size_per_worker=16",
+    "--set", "train.global_batch=16", "--set", "hash.max_steps=3", "--set", "hash.global_batch=16",
     "--set", "hash.code_bits=16", "--set", "hash.extra_bits=[]",
 ]
 TOY_RUN = [

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
@@ -69,6 +70,7 @@ class TrainSpec:
     batch_size_per_worker: int = 64
     lr: float = 0.01
     lr_drops: tuple = (0.6, 0.85)  # x0.1 at these fractions of the steps (the paper's step schedule)
+    warmup_steps: int = 0  # the rate rises linearly from lr / warmup_steps to lr over these first steps
     trunk_lr_scale: float = 1.0  # the trunk's rate relative to the head's (hashing fine-tune)
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -90,12 +92,15 @@ class TrainSpec:
     log_every: int = 10
     loader_workers: int = 0
     amp: bool = True
+    grad_compression: str = "none"  # none | bf16: DDP all-reduces gradients in bf16
     seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
         if self.mode not in ("cluster", "hash"):
             raise ValueError(f"mode must be cluster or hash, got {self.mode!r}")
+        if self.grad_compression not in ("none", "bf16"):
+            raise ValueError(f"grad_compression must be none or bf16, got {self.grad_compression!r}")
 
 
 class Net(nn.Module):
@@ -146,7 +151,17 @@ def model_meta(spec: TrainSpec) -> dict:
 
 
 def lr_at(spec: TrainSpec, step: int) -> float:
-    return spec.lr * 0.1 ** sum(step >= int(f * spec.steps) for f in spec.lr_drops)
+    warm = min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else 1.0
+    return warm * spec.lr * 0.1 ** sum(step >= int(f * spec.steps) for f in spec.lr_drops)
+
+
+def data_parallel(net: Net, spec: TrainSpec) -> DistributedDataParallel:
+    """DDP over the session's process group; with grad_compression=bf16 the gradient buckets are cast
+    to bf16 for the all-reduce and back (torch's bf16_compress_hook: half the bytes on the wire)."""
+    model = DistributedDataParallel(net)
+    if spec.grad_compression == "bf16":
+        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+    return model
 
 
 def _optimizer(net: Net, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -224,7 +239,7 @@ def train_worker(config: dict, session: Session) -> dict:
     net = build_net(spec, len(offsets) - 1).to(device)
     opt = _optimizer(net, spec)
     start = _resume(net, opt, session.latest_checkpoint())
-    model = DistributedDataParallel(net) if session.world_size > 1 else net
+    model = data_parallel(net, spec) if session.world_size > 1 else net
     data = ClusterBatches(spec.pixels_path, offsets, batch_size=spec.batch_size_per_worker, steps=spec.steps,
                           seed=spec.seed, rank=session.rank, start_step=start, pairs=spec.mode == "hash")
     loader = batch_loader(data, spec.loader_workers, pin_memory=device.type == "cuda")

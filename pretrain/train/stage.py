@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from pretrain.config import Config, config_hash, to_dict
+from pretrain.config import Config, config_hash, scaled_lr, to_dict
 from pretrain.eval.hashing_baselines import fit_itq
 from pretrain.features.cnn import cnn_features
 from infra import layout, storage
@@ -35,17 +35,36 @@ from shards.shardset import SHARDS_JSON
 from shards.store import PatchStore
 
 # resources, not results, and settings of later stages: changing them must not redo a finished round
-NOT_HASHED = ("num_workers", "use_gpu", "cpus_per_worker", "loader_workers", "amp", "checkpoint_every",
-              "max_failures", "rounds", "feature_layer", "feature_fit_patches")
+NOT_HASHED = ("num_workers", "use_gpu", "cpus_per_worker", "loader_workers", "amp", "grad_compression",
+              "checkpoint_every", "max_failures", "rounds", "feature_layer", "feature_fit_patches")
 # spec fields a relaunch may change and still resume its checkpoints
 RESUMABLE_CHANGES = ("checkpoint_every", "loader_workers", "progress")
 
 
-def round_steps(members: int, views: int, epochs: float, batch: int, workers: int, cap: int) -> int:
-    """Steps for `epochs` passes over `views` augmented views of each member, on `workers` x `batch`
-    samples per step; `cap` > 0 bounds them."""
-    steps = max(1, math.ceil(epochs * views * members / (batch * workers)))
+def round_steps(members: int, views: int, epochs: float, global_batch: int, cap: int) -> int:
+    """Steps for `epochs` passes over `views` augmented views of each member, `global_batch` samples
+    per step over all workers; `cap` > 0 bounds them."""
+    steps = max(1, math.ceil(epochs * views * members / global_batch))
     return min(steps, cap) if cap else steps
+
+
+def step_recipe(cfg: Config, section) -> dict:
+    """The TrainSpec fields of one SGD step for `section` (cfg.train or cfg.hash) on this cluster:
+    each of train.num_workers takes global_batch / num_workers samples, and the rate is `lr` scaled
+    from `lr_base_batch` to `global_batch` by train.lr_scaling (what the manifest records as the
+    stage's resources)."""
+    workers = cfg.train.num_workers
+    return {"batch_size_per_worker": section.global_batch // workers,
+            "lr": scaled_lr(section.lr, section.global_batch, section.lr_base_batch, cfg.train.lr_scaling)}
+
+
+def resources(cfg: Config, section) -> dict:
+    """What a training stage of `section` runs with on this cluster, recorded in the manifest beside
+    its (hashed) recipe: the workers, each one's batch, the rate used."""
+    t = cfg.train
+    return {"num_workers": t.num_workers, "use_gpu": t.use_gpu, "global_batch": section.global_batch,
+            **step_recipe(cfg, section), "lr_scaling": t.lr_scaling, "grad_compression": t.grad_compression,
+            "max_failures": t.max_failures}
 
 
 def member_count(clusters) -> int:
@@ -90,7 +109,8 @@ def spec_common(cfg: Config) -> dict:
     t = cfg.train
     return dict(arch=t.arch, width=t.width, dropout=t.dropout, momentum=t.momentum, weight_decay=t.weight_decay,
                 aug_scale=t.aug_scale, aug_color=t.aug_color, aug_flip=t.aug_flip,
-                checkpoint_every=t.checkpoint_every, loader_workers=t.loader_workers, amp=t.amp, seed=cfg.run.seed)
+                checkpoint_every=t.checkpoint_every, loader_workers=t.loader_workers, amp=t.amp, seed=cfg.run.seed,
+                warmup_steps=t.warmup_steps, grad_compression=t.grad_compression)
 
 
 def itq_init(shards_root, model, bits: int, *, fit_patches: int, seed: int, out):
@@ -141,7 +161,7 @@ def hash_stage(cfg: Config, run: RunDir, shards_root, bits: int, trainer: Callab
     h = cfg.hash
     config = {k: v for k, v in to_dict(h).items() if k not in ("code_bits", "extra_bits")}
     final = bits == h.code_bits and not variant
-    config |= {"bits": bits, "seed": cfg.run.seed, "final": final}
+    config |= {"bits": bits, "seed": cfg.run.seed, "final": final, "lr_scaling": cfg.train.lr_scaling}
     lay = RunLayout(run.path)
     d, clusters, trunk = lay.hash_dir(bits, variant), lay.clusters(last), lay.model(last)
 
@@ -151,10 +171,9 @@ def hash_stage(cfg: Config, run: RunDir, shards_root, bits: int, trainer: Callab
                         out=d / "init.npz") if h.init == "itq" else ""
         skip = skip_pairs(pixels, clusters, trunk, d / "init.npz", h.skip_similar, seed=cfg.run.seed,
                           out=d / "similar.npz") if h.skip_similar > 0 else ""
-        steps = round_steps(member_count(clusters), h.views_per_member, h.epochs,
-                            h.batch_size_per_worker, cfg.train.num_workers, h.max_steps)
+        steps = round_steps(member_count(clusters), h.views_per_member, h.epochs, h.global_batch, h.max_steps)
         spec = TrainSpec(mode="hash", pixels_path=str(pixels), clusters_path=str(clusters), out_dir=str(d),
-                         init_from=str(trunk), steps=steps, batch_size_per_worker=h.batch_size_per_worker, lr=h.lr,
+                         init_from=str(trunk), steps=steps, **step_recipe(cfg, h),
                          bits=bits, hash_init=str(init), alpha=h.alpha, beta=h.beta, gamma=h.gamma,
                          printed_eq2=h.printed_eq2, trunk_lr_scale=h.trunk_lr_scale, margin=h.margin,
                          negatives=h.negatives, skip_pairs=str(skip), freeze_bn=h.freeze_bn,
@@ -170,4 +189,5 @@ def hash_stage(cfg: Config, run: RunDir, shards_root, bits: int, trainer: Callab
             produced[lay.final_codes] = None
         return produced
 
-    return run.run_stage(layout.hash_stage(bits, variant), work, config=config, inputs=inputs, force=force)
+    return run.run_stage(layout.hash_stage(bits, variant), work, config=config, inputs=inputs, force=force,
+                         resources=resources(cfg, h))

@@ -25,6 +25,11 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     assert "shards/shards.json" in outputs and len(outputs) == 5  # 19 photos / 5 per shard = 4 tars + index
     assert RunLayout(run_dir).config.is_file() and RunLayout(run_dir).figure("patches").is_file()
     assert any((run_dir / "wandb").glob("offline-run-*"))  # real W&B, offline
+    ran = manifest["stages"]["train_round0"]  # the recipe (hashed) and what it ran on (recorded)
+    assert ran["config"]["global_batch"] == 16 and "num_workers" not in ran["config"]
+    res = ran["resources"]
+    assert (res["num_workers"], res["batch_size_per_worker"]) == (1, 16)
+    assert res["lr"] == pytest.approx(0.01 * 16 / 64)  # train.lr at lr_base_batch 64, scaled linearly to 16
 
     second = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert second.returncode == 0, second.stderr

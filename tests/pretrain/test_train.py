@@ -19,7 +19,7 @@ from pretrain.models.weights import WeightsError, load_weights, read_meta, trunk
 from pretrain.train import data as data_mod
 from pretrain.train.data import ClusterBatches, batch_loader, other_member, sample_members, write_member_pixels
 from pretrain.train.export import export_final, load_hasher, write_codes
-from pretrain.train.loop import TrainSpec, build_net, recipe, train_worker
+from pretrain.train.loop import TrainSpec, build_net, data_parallel, lr_at, recipe, train_worker
 from infra.session import LocalSession, local_trainer
 from infra.session import fresh_storage
 from pretrain.train.stage import itq_init, round_steps
@@ -310,11 +310,76 @@ def test_fresh_storage_keeps_the_same_run_and_empties_another(tmp_path):
     assert sorted(p.name for p in store.iterdir()) == ["spec.key"]
 
 
-def test_round_steps_covers_the_views_on_all_workers():
-    assert round_steps(members=100, views=20, epochs=1, batch=64, workers=2, cap=0) == 16  # ceil(2000 / 128)
-    assert round_steps(members=100, views=20, epochs=0.5, batch=64, workers=2, cap=0) == 8
-    assert round_steps(members=100, views=20, epochs=1, batch=64, workers=2, cap=10) == 10
-    assert round_steps(members=0, views=20, epochs=1, batch=64, workers=2, cap=0) == 1
+def test_round_steps_cover_the_views_at_the_global_batch():
+    assert round_steps(members=100, views=20, epochs=1, global_batch=128, cap=0) == 16  # ceil(2000 / 128)
+    assert round_steps(members=100, views=20, epochs=0.5, global_batch=128, cap=0) == 8
+    assert round_steps(members=100, views=20, epochs=1, global_batch=128, cap=10) == 10
+    assert round_steps(members=0, views=20, epochs=1, global_batch=128, cap=0) == 1
+
+
+def test_the_recipe_does_not_change_with_the_number_of_workers():
+    from pretrain.config import load_config
+    from pretrain.train.stage import resources, step_recipe
+
+    def recipe(*sets):
+        cfg = load_config(None, ["train.global_batch=256", "train.lr_base_batch=64", *sets])
+        return step_recipe(cfg, cfg.train), resources(cfg, cfg.train)
+
+    (one, res1), (eight, res8) = recipe("train.num_workers=1"), recipe("train.num_workers=8")
+    assert one["batch_size_per_worker"] == 256 and eight["batch_size_per_worker"] == 32
+    assert one["lr"] == eight["lr"] == pytest.approx(0.04)  # 0.01 at 64, linear to 256
+    assert res8["global_batch"] == res1["global_batch"] == 256 and res8["num_workers"] == 8
+    assert recipe("train.lr_scaling=sqrt")[0]["lr"] == pytest.approx(0.02)
+    assert recipe("train.lr_scaling=none")[0]["lr"] == pytest.approx(0.01)
+
+
+def test_a_global_batch_the_workers_cannot_share_is_refused():
+    from pretrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.global_batch.*multiple of train.num_workers=3"):
+        load_config(None, ["train.num_workers=3", "train.global_batch=64"])
+    with pytest.raises(ConfigError, match="hash.global_batch.*multiple of train.num_workers=4"):
+        load_config(None, ["train.num_workers=4", "train.global_batch=64", "hash.global_batch=18"])
+    with pytest.raises(ConfigError, match="'train.batch_size_per_worker' is gone: use train.global_batch"):
+        load_config(None, ["train.batch_size_per_worker=64"])
+
+
+def _ddp_grads(rank: int, port: int, compression: str, out: str) -> None:
+    """One of two gloo processes: DDP (with `compression`) over a small net, rank-dependent inputs."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    spec = TrainSpec(mode="cluster", pixels_path="", clusters_path="", out_dir="", grad_compression=compression)
+    model = data_parallel(net, spec)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank + 1))
+    model(x).square().mean().backward()
+    torch.save([p.grad for p in net.parameters()], f"{out}/{compression}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_bf16_gradient_compression_all_reduces_the_same_gradient_on_every_rank(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    for compression in ("none", "bf16"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_ddp_grads, args=(port, compression, str(tmp_path)), nprocs=2)
+    grads = {(c, r): torch.load(tmp_path / f"{c}-{r}.pt") for c in ("none", "bf16") for r in (0, 1)}
+    for exact, r0, r1 in zip(grads["none", 0], grads["bf16", 0], grads["bf16", 1]):
+        assert torch.equal(r0, r1)  # every rank steps with the same (rounded) mean gradient
+        assert torch.allclose(r0, exact, rtol=2e-2, atol=1e-4)  # bf16 keeps ~3 significant digits
+    assert any(not torch.equal(a, b) for a, b in zip(grads["none", 0], grads["bf16", 0]))  # it did compress
+
+
+def test_warmup_rises_linearly_to_the_rate_then_the_step_drops_apply():
+    spec = TrainSpec(mode="cluster", pixels_path="", clusters_path="", out_dir="", steps=100, lr=0.1,
+                     warmup_steps=10)
+    assert [round(lr_at(spec, s), 6) for s in (0, 4, 9, 10, 59, 60, 85)] == [0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.001]
 
 
 def test_member_pixels_are_rewritten_for_other_clusters_of_the_same_size(shard_dir, tmp_path):
