@@ -18,6 +18,13 @@ Prints one JSON line:
   svm_top10_overlap       mean share of each cluster's 10 best-scoring held-out points that both
                           solvers agree on (the discovery loop keeps top firings)
 Timings are the best of --repeats (the LinearSVC loop runs once: it is the slow side).
+
+    python scripts/bench_cluster.py --seeding [--dim 64]
+
+measures instead the seeding of FAISS k-means (k-means++ and AFK-MC2: one Lloyd iteration minus the
+same with random seeding) on a grid of n and k, fits kmeans++ ~ a n k d and AFK-MC2 ~ b k^2 d (their
+known costs; the grid's worst relative error says how well) and extrapolates both to the init of
+imagenet.yaml's round 0 (|D1| = a quarter of 12.8M patches, k = 30,000, d = 256). One JSON line.
 """
 from __future__ import annotations
 
@@ -151,6 +158,37 @@ def bench_svm(clusters: int, members: int, negatives: int, dim: int, repeats: in
             "svm_positive_rate": round(float(either.mean()), 4), "svm_top10_overlap": round(float(overlap), 4)}
 
 
+def bench_seeding(dim: int, repeats: int, grid=((20000, 500), (20000, 2000), (80000, 500), (80000, 1000),
+                                                (80000, 2000)), at=(3_200_000, 30_000, 256)) -> dict:
+    """Seconds of k-means++ and AFK-MC2 seeding over random seeding on `grid` (n, k), their cost models
+    fit by least squares, and the models' seconds at `at` = (n, k, d)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for n, k in grid:
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+
+        def once(init: str) -> float:
+            km = faiss.Kmeans(dim, k, niter=1, seed=0, max_points_per_centroid=n, min_points_per_centroid=1,
+                              init_method=getattr(faiss, "ClusteringInitMethod_" + init))
+            return best_of(lambda: km.train(x), repeats)[0]
+
+        base = once("RANDOM")
+        rows.append({"n": n, "k": k, "kmeans++_s": round(once("KMEANS_PLUS_PLUS") - base, 4),
+                     "afkmc2_s": round(once("AFK_MC2") - base, 4)})
+    out = {"bench": "kmeans_seeding", "dim": dim, "grid": rows}
+    n, k, d = at
+    for name, unit in (("kmeans++", lambda r: r["n"] * r["k"] * dim), ("afkmc2", lambda r: r["k"] ** 2 * dim)):
+        u = np.array([unit(r) for r in rows], float)
+        t = np.array([r[f"{name}_s"] for r in rows], float)
+        coef = float(u @ t / (u @ u))  # least squares through the origin
+        timed = t >= 0.1  # below it the difference of two timings is mostly noise
+        err = np.abs(coef * u - t)[timed] / t[timed]
+        out[name] = {"s_per_unit": coef, "worst_rel_error": round(float(err.max()), 3) if timed.any() else None,
+                     "predicted_s": round(coef * (n * k * d if name == "kmeans++" else k * k * d), 1)}
+    out["predicted_at"] = {"n": n, "k": k, "d": d, "threads": faiss.omp_get_max_threads()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fv-patches", type=int, default=400)
@@ -162,7 +200,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="auto", help="SVM device: auto (GPU when present), cpu, cuda")
+    ap.add_argument("--seeding", action="store_true", help="k-means++ vs AFK-MC2 seeding cost only (see above)")
     args = ap.parse_args()
+    if args.seeding:
+        print(json.dumps(bench_seeding(args.dim, args.repeats)))
+        return
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
     out = {"torch_threads": torch.get_num_threads()}
     out |= bench_fv(args.fv_patches, args.repeats)
