@@ -299,9 +299,17 @@ class EvalConfig:
     figure_queries: int = 4  # queries in the retrieval grid (paper Fig. 7)
     round_bits: int = 32  # each round's report: PCA+ITQ at this many bits on the round's fc7 ...
     round_patches: int = 20000  # ... of a seeded sample of at most this many labelled patches
+    # Retrieval scores the queries plus at most this many gallery items: a larger labelled set gives a
+    # seeded subset, chosen from the labels' classes only (CIFAR-10's 59000-image gallery is the model;
+    # every query chunk ranks the whole gallery, so time grows with queries x gallery_max, not with N)
+    gallery_max: int = 100000
+    # LSH, PCAH, ITQ and SH are fitted on a seeded sample of at most this many of the scored patches
+    # (then every scored patch is encoded in chunks); under it they are fitted on all of them
+    baseline_fit_max: int = 20000
 
     def __post_init__(self):
-        for key in ("queries_per_class", "repeats", "figure_bits", "figure_queries", "round_bits", "round_patches"):
+        for key in ("queries_per_class", "repeats", "figure_bits", "figure_queries", "round_bits", "round_patches",
+                    "gallery_max", "baseline_fit_max"):
             _check(getattr(self, key) >= 1, f"eval.{key}", ">= 1", getattr(self, key))
         _check(len(self.precision_at) >= 1 and min(self.precision_at) >= 1, "eval.precision_at",
                "a list of N >= 1", self.precision_at)

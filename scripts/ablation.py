@@ -57,7 +57,8 @@ def one_seed(cfg_path: str, sets: list[str], seed: int, root: Path) -> tuple[lis
     """Runs (or reuses) the seed's runs -> (rows, purity rows, round reports per method)."""
     cfg = load_config(cfg_path, [*sets, f"run.seed={seed}"])
     bits, last, e = cfg.hash.all_bits, cfg.train.rounds - 1, cfg.eval
-    protocol = dict(queries_per_class=e.queries_per_class, repeats=e.repeats, precision_at=e.precision_at)
+    protocol = dict(queries_per_class=e.queries_per_class, repeats=e.repeats, precision_at=e.precision_at,
+                    gallery_max=e.gallery_max)  # the eval stage's subset, so every row scores the same patches
     ours = root / f"seed{seed}" / "ours"
     run_pipeline(cfg, ours, [])
     printed = load_config(cfg_path, [*sets, f"run.seed={seed}", "hash.printed_eq2=true"])

@@ -18,8 +18,24 @@ RED = (220, 0, 0)
 def pick_bits(scores: np.ndarray, n: int) -> list[int]:
     """scores: (N, K) float -> the n most balanced bits (share of scores > 0 closest to 1/2), most
     balanced first: a balanced bit splits the data, so both of its extremes are worth looking at."""
-    share = (np.asarray(scores) > 0).mean(0)
-    return [int(b) for b in np.argsort(np.abs(share - 0.5), kind="stable")[:n]]
+    return balanced_bits((np.asarray(scores) > 0).mean(0), n)
+
+
+def balanced_bits(share: np.ndarray, n: int) -> list[int]:
+    """share: (K,) float, each bit's share of ones -> `pick_bits`' choice."""
+    return [int(b) for b in np.argsort(np.abs(np.asarray(share) - 0.5), kind="stable")[:n]]
+
+
+def extreme_picks(scores: np.ndarray, bits: list[int], per_side: int = 8) -> np.ndarray:
+    """scores: (N, K) float -> (len(bits), 2 min(per_side, N)) int64 rows: per bit the `per_side` lowest
+    scores then the `per_side` highest, in increasing score (ties by row)."""
+    scores = np.asarray(scores)
+    per_side = min(per_side, len(scores))
+    picks = []
+    for b in bits:
+        order = np.argsort(scores[:, b], kind="stable")
+        picks.append(np.concatenate([order[:per_side], order[len(order) - per_side :]]))
+    return np.array(picks, np.int64).reshape(len(bits), 2 * per_side)
 
 
 def bit_extremes(scores: np.ndarray, patches_of, bits: list[int], per_side: int = 8,
@@ -28,15 +44,15 @@ def bit_extremes(scores: np.ndarray, patches_of, bits: list[int], per_side: int 
     (n, P, P, 3) uint8. One row per bit in `bits`: the `per_side` most negative patches, a blank column,
     the `per_side` most positive; each row reads in increasing score, so the two extremes sit at the
     outer edges. -> (H, W, 3) uint8."""
-    scores = np.asarray(scores)
-    per_side = min(per_side, len(scores))
-    picks = []
-    for b in bits:
-        order = np.argsort(scores[:, b], kind="stable")
-        picks.append(np.concatenate([order[:per_side], order[len(order) - per_side :]]))
-    tiles = patches_of(np.concatenate(picks).astype(np.int64))
-    tiles = tiles.reshape(len(bits), 2 * per_side, *tiles.shape[1:])
-    blank = np.full((len(bits), 1) + tiles.shape[2:], 255, np.uint8)
+    return extremes_figure(extreme_picks(scores, bits, per_side), patches_of, pad_px)
+
+
+def extremes_figure(picks: np.ndarray, patches_of, pad_px: int = 2) -> np.ndarray:
+    """picks: (B, 2 per_side) int64 rows (`extreme_picks`, `scan.extreme_rows`) -> `bit_extremes`' figure."""
+    n_bits, per_side = len(picks), picks.shape[1] // 2
+    tiles = patches_of(picks.ravel())
+    tiles = tiles.reshape(n_bits, 2 * per_side, *tiles.shape[1:])
+    blank = np.full((n_bits, 1) + tiles.shape[2:], 255, np.uint8)
     rows = np.concatenate([tiles[:, :per_side], blank, tiles[:, per_side:]], axis=1)
     return grid(rows.reshape(-1, *rows.shape[2:]), cols=2 * per_side + 1, pad_px=pad_px)
 

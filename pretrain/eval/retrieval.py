@@ -1,13 +1,27 @@
 """Hamming-ranking retrieval with binary codes (paper sec. 4.2 and Table 2): mAP and precision@N.
 
-Protocol (paper sec. 4, following [14]): draw random queries, a fixed number per class, rank the rest of
-the labelled items (the gallery) by Hamming distance to each query, score the whole ranking (AP) and its
-top N (precision@N), and average over repeated draws. Codes travel packed, FAISS's binary layout: K/8
-bytes per code (`np.packbits` along the bits), so the search is `faiss.IndexBinaryFlat`.
+Protocol (paper sec. 5, CIFAR-10, following [14]): draw random queries, a fixed number per class, rank the
+rest of the labelled items (the gallery) by Hamming distance to each query, score the whole ranking (AP)
+and its top N (precision@N), and average over repeated draws. Codes travel packed, FAISS's binary layout:
+K/8 bytes per code (`np.packbits` along the bits), so the search is `faiss.IndexBinaryFlat`.
 
-Hamming distances tie a lot at 16-64 bits. FAISS's order among equal distances is kept (no re-sorting,
-so the search stays at FAISS's cost), and the gallery is shuffled before indexing so that order is a
-random tie-break rather than one that follows the data set's order (often sorted by class).
+Bounded for any N (`eval_subset`): CIFAR-10's 59000-image gallery is the model. With more labelled items
+than the queries plus `gallery_max`, a seeded subset is scored instead: per class its queries' worth and
+one more (so every query has a relevant gallery item), then rows drawn at random from the rest up to the
+queries plus `gallery_max`. The subset is chosen from the labels' classes and the seed only, never from
+the codes, so every method is scored on the same rows; under the bound it is every labelled row and the
+results are those of the unbounded protocol.
+
+mAP needs each query's whole ranking, so the bounded gallery is ranked in full, in query chunks sized to a
+memory budget (`RANK_BUDGET_BYTES`): O(chunk x gallery), never O(queries x gallery). We keep the ranking
+rather than computing AP from per-distance counts of relevant items, because counts lose the order among
+equal distances, which AP depends on: tie-aware AP would change the figures the paper's protocol gives.
+precision@N alone needs only the top N (`with_map=False`: a FAISS search with k = N).
+
+Hamming distances tie a lot at 16-64 bits. FAISS orders equal distances by database row (no re-sorting,
+so the search stays at FAISS's cost, and a top-N search is a prefix of the full ranking), and the gallery
+is shuffled before indexing so that order is a random tie-break rather than one that follows the data
+set's order (often sorted by class).
 """
 from __future__ import annotations
 
@@ -71,6 +85,19 @@ def precision_at(ranked_relevant: np.ndarray, n: int) -> np.ndarray:
     return top.sum(1) / max(top.shape[1], 1)
 
 
+RANK_BUDGET_BYTES = 1 << 28  # one query chunk's full ranking (distances, rows, relevance, AP terms)
+RANK_CELL_BYTES = 48  # bytes per (query, gallery item) of that chunk, all temporaries counted
+SUBSET_STREAM = 0x5EED  # the subset's random stream, apart from the repeats' draws (which keep seed)
+
+
+def _class_groups(labels: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
+    """rows (n,) int64 ascending with labels[rows] >= 0 -> per class, by increasing label, its rows
+    (ascending). One stable sort, not one pass over the rows per class."""
+    order = np.argsort(labels[rows], kind="stable")
+    cuts = np.flatnonzero(np.diff(labels[rows][order])) + 1
+    return np.split(rows[order], cuts) if len(rows) else []
+
+
 def split_queries(labels: np.ndarray, queries_per_class: int, rng: np.random.Generator):
     """labels: (N,) int, < 0 = unlabelled -> queries (Q,) int64, gallery (G,) int64 (shuffled).
 
@@ -79,40 +106,74 @@ def split_queries(labels: np.ndarray, queries_per_class: int, rng: np.random.Gen
     are neither queries nor gallery."""
     labels = np.asarray(labels)
     known = np.flatnonzero(labels >= 0)
-    queries = []
-    for c in np.unique(labels[known]):
-        members = known[labels[known] == c]
-        queries.append(rng.choice(members, min(queries_per_class, len(members) - 1), replace=False))
+    queries = [rng.choice(members, min(queries_per_class, len(members) - 1), replace=False)
+               for members in _class_groups(labels, known)]
     queries = np.sort(np.concatenate(queries)).astype(np.int64) if queries else np.zeros(0, np.int64)
     gallery = rng.permutation(np.setdiff1d(known, queries)).astype(np.int64)
     return queries, gallery
 
 
-def _score_split(packed, labels, queries, gallery, precision_ns, chunk: int = 256):
-    """Per-query AP and precision@N for one split; queries are searched in chunks so memory is
-    O(chunk x gallery) rather than O(Q x gallery)."""
+def eval_subset(labels: np.ndarray, *, queries_per_class: int, gallery_max: int | None = None,
+                seed: int = 0) -> np.ndarray:
+    """labels: (N,) int, < 0 = unlabelled -> rows (n,) int64 ascending: the labelled rows retrieval
+    scores (module docstring). Every labelled row when there are at most Q + gallery_max of them (Q: the
+    queries `split_queries` draws, per class min(queries_per_class, class size - 1)); else Q + gallery_max
+    rows drawn by `seed` from the labels' classes alone. On its own output it returns every row."""
+    labels = np.asarray(labels)
+    known = np.flatnonzero(labels >= 0).astype(np.int64)
+    groups = _class_groups(labels, known)
+    per_class = [min(queries_per_class, len(m) - 1) for m in groups]
+    n_queries = int(sum(per_class))
+    if gallery_max is None or len(known) <= n_queries + gallery_max:
+        return known
+    asking = sum(q > 0 for q in per_class)
+    if gallery_max < asking:
+        raise ValueError(f"eval.gallery_max={gallery_max} is below the {asking} classes with queries: each "
+                         "needs a relevant gallery item")
+    rng = np.random.default_rng([seed, SUBSET_STREAM])
+    reserved = np.concatenate([rng.choice(m, q + 1, replace=False) for m, q in zip(groups, per_class) if q > 0])
+    rest = np.setdiff1d(known, reserved)
+    fill = rng.choice(rest, n_queries + gallery_max - len(reserved), replace=False)
+    return np.sort(np.concatenate([reserved, fill])).astype(np.int64)
+
+
+def _score_split(packed, labels, queries, gallery, precision_ns, with_map: bool = True):
+    """Per-query AP (None without `with_map`) and precision@N for one split. With AP, each query chunk
+    ranks the whole gallery, the chunk sized so that it stays within RANK_BUDGET_BYTES; without, the
+    search stops at the largest N."""
     index = HammingIndex(packed[gallery])
     gallery_labels = labels[gallery]
+    k = len(gallery) if with_map else min(max(precision_ns), len(gallery))
+    chunk = int(np.clip(RANK_BUDGET_BYTES // max(k * RANK_CELL_BYTES, 1), 1, 256))
     ap, prec = [], {n: [] for n in precision_ns}
     for start in range(0, len(queries), chunk):
         q = queries[start : start + chunk]
-        _, idx = index.search(packed[q], len(gallery))
+        _, idx = index.search(packed[q], k)
         rel = gallery_labels[idx] == labels[q][:, None]
-        ap.append(average_precision(rel))
+        del idx
+        if with_map:
+            ap.append(average_precision(rel))
         for n in precision_ns:
             prec[n].append(precision_at(rel, n))
-    return np.concatenate(ap), {n: np.concatenate(p) for n, p in prec.items()}
+    return np.concatenate(ap) if with_map else None, {n: np.concatenate(p) for n, p in prec.items()}
 
 
 def evaluate_retrieval(packed: np.ndarray, labels: np.ndarray, *, queries_per_class: int, repeats: int = 10,
-                       precision_at: tuple[int, ...] = (100,), seed: int = 0) -> dict:
-    """packed: (N, K/8) uint8 codes, labels: (N,) int (< 0 = unlabelled) -> {"map", "map_std",
-    "precision@N", "precision@N_std" for each N, "queries", "gallery", "repeats", "bits"}.
+                       precision_at: tuple[int, ...] = (100,), seed: int = 0, gallery_max: int | None = None,
+                       with_map: bool = True) -> dict:
+    """packed: (N, K/8) uint8 codes (a memory map is fine: only the scored rows are read), labels: (N,)
+    int (< 0 = unlabelled) -> {"map", "map_std" (with_map only), "precision@N", "precision@N_std" for
+    each N, "queries", "gallery", "repeats", "bits"}.
 
-    Each repeat draws fresh queries (`split_queries`) and ranks the whole gallery; means and (population)
-    standard deviations are over the repeats' per-repeat means."""
-    packed = np.asarray(packed, np.uint8)
+    The rows scored are `eval_subset(labels, gallery_max=...)`; each repeat draws fresh queries among
+    them (`split_queries`) and ranks the rest, the gallery; means and (population) standard deviations
+    are over the repeats' per-repeat means."""
     labels = np.asarray(labels)
+    rows = eval_subset(labels, queries_per_class=queries_per_class, gallery_max=gallery_max, seed=seed)
+    if len(rows) < len(labels):
+        labels = labels[rows]
+        packed = packed[rows]
+    packed = np.asarray(packed, np.uint8)
     # the `precision_at` argument shadows the function of that name here; `_score_split` calls the function
     rng = np.random.default_rng(seed)
     maps, precs = [], {n: [] for n in precision_at}
@@ -120,11 +181,12 @@ def evaluate_retrieval(packed: np.ndarray, labels: np.ndarray, *, queries_per_cl
         queries, gallery = split_queries(labels, queries_per_class, rng)
         if len(queries) == 0 or len(gallery) == 0:
             raise ValueError(f"no queries or empty gallery: {len(queries)} queries, {len(gallery)} gallery")
-        ap, prec = _score_split(packed, labels, queries, gallery, precision_at)
-        maps.append(ap.mean())
+        ap, prec = _score_split(packed, labels, queries, gallery, precision_at, with_map)
+        if with_map:
+            maps.append(ap.mean())
         for n in precision_at:
             precs[n].append(prec[n].mean())
-    out = {"map": float(np.mean(maps)), "map_std": float(np.std(maps))}
+    out = {"map": float(np.mean(maps)), "map_std": float(np.std(maps))} if with_map else {}
     for n in precision_at:
         out[f"precision@{n}"] = float(np.mean(precs[n]))
         out[f"precision@{n}_std"] = float(np.std(precs[n]))
@@ -132,20 +194,37 @@ def evaluate_retrieval(packed: np.ndarray, labels: np.ndarray, *, queries_per_cl
     return out
 
 
-def baseline_codes(x: np.ndarray, bits: tuple[int, ...], *, fit_x: np.ndarray | None = None,
-                   seed: int = 0) -> tuple[dict[tuple[str, int], np.ndarray], list[dict]]:
-    """Fits every `BASELINES` method on fit_x (default x): (N, d) float and codes x ->
-    ({(method, bits): (N, bits/8) uint8 packed codes}, [{"method", "bits", "skipped": reason}] for the
-    methods that cannot give that many bits)."""
-    fit_x = x if fit_x is None else fit_x
-    codes, skipped = {}, []
+def fit_baselines(fit_x: np.ndarray, bits: tuple[int, ...], *, seed: int = 0) -> tuple[dict, list[dict]]:
+    """Fits every `BASELINES` method at each K on fit_x: (n, d) float -> ({(method, K): hasher with
+    .encode}, [{"method", "bits", "skipped": reason}] for the methods that cannot give K bits)."""
+    hashers, skipped = {}, []
     for k in bits:
         for name, fit in BASELINES.items():
             try:
-                codes[(name, k)] = pack_codes(fit(fit_x, k, seed=seed).encode(x))
+                hashers[(name, k)] = fit(fit_x, k, seed=seed)
             except ValueError as err:
                 skipped.append({"method": name, "bits": k, "skipped": str(err)})
-    return codes, skipped
+    return hashers, skipped
+
+
+def encode_chunks(hashers: dict, chunks) -> dict[tuple[str, int], np.ndarray]:
+    """hashers from `fit_baselines`; chunks: iterable of (m, d) float inputs -> {(method, K): (sum m,
+    K/8) uint8 packed codes}. Each chunk is read once for all hashers, so inputs never sit in memory
+    whole."""
+    parts = {key: [] for key in hashers}
+    for x in chunks:
+        for key, h in hashers.items():
+            parts[key].append(pack_codes(h.encode(x)))
+    return {key: np.concatenate(p) if p else np.zeros((0, key[1] // 8), np.uint8) for key, p in parts.items()}
+
+
+def baseline_codes(x: np.ndarray, bits: tuple[int, ...], *, fit_x: np.ndarray | None = None,
+                   seed: int = 0, chunk: int = 8192) -> tuple[dict[tuple[str, int], np.ndarray], list[dict]]:
+    """Fits every `BASELINES` method on fit_x (default x): (N, d) float and codes x (in chunks of
+    `chunk` rows) -> ({(method, bits): (N, bits/8) uint8 packed codes}, [{"method", "bits", "skipped":
+    reason}] for the methods that cannot give that many bits)."""
+    hashers, skipped = fit_baselines(x if fit_x is None else fit_x, bits, seed=seed)
+    return encode_chunks(hashers, (x[i : i + chunk] for i in range(0, len(x), chunk))), skipped
 
 
 def baseline_rows(x: np.ndarray, labels: np.ndarray, bits: tuple[int, ...] = (16, 32, 64), *,
@@ -191,12 +270,19 @@ def code_stats(bits: np.ndarray) -> dict:
     pairs of distinct bits. The hashing regularizers aim at balance 0.5 and correlation 0; a constant
     bit has no defined correlation and counts as 0 there (its balance already shows it)."""
     b = np.asarray(bits, np.float64)
-    p = b.mean(0)
-    k = b.shape[1]
+    return code_stats_from_sums(len(b), b.sum(0), b.T @ b)
+
+
+def code_stats_from_sums(n: int, ones: np.ndarray, pairs: np.ndarray) -> dict:
+    """`code_stats` from n codes' sums: ones (K,) the count of ones per bit, pairs (K, K) the counts of
+    both bits set (B^T B), so that it can be summed over chunks of a file (pretrain/eval/scan.py)."""
+    p = np.asarray(ones, np.float64) / n
+    k = len(p)
     corr = 0.0
     if k > 1:
+        std = np.sqrt(p * (1 - p))
         with np.errstate(invalid="ignore", divide="ignore"):
-            c = np.nan_to_num(np.corrcoef(b, rowvar=False))
+            c = np.nan_to_num((np.asarray(pairs, np.float64) / n - np.outer(p, p)) / np.outer(std, std))
         corr = float(np.abs(c[~np.eye(k, dtype=bool)]).mean())
     return {"balance_min": float(p.min()), "balance_max": float(p.max()),
             "balance_dev": float(np.abs(p - 0.5).mean()), "mean_abs_corr": corr}
