@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from pretrain.cluster.cover import assign, cover_chunk, merge_chunks
+from pretrain.cluster.cover import CoverFold, assign, cover_chunk
 from pretrain.cluster.kmeans import kmeans
 from pretrain.cluster.merge import merge_clusters
 from pretrain.cluster.svm import fire, train_svms
@@ -317,9 +317,10 @@ class Discovery:
         weights, bias, min_score = clusters.weights, clusters.bias, p.cover_min_score
         if p.cover_score == "centroid":
             weights, bias, min_score = self._member_means(clusters), np.zeros(len(clusters), np.float32), np.inf
-        parts = self.mapper(cover_task, [(str(self.features), span, weights, bias, top_n, p.device)
-                                         for span in spans], desc="coverage")
-        fired = merge_chunks(parts, top_n)
+        fold = CoverFold(top_n)  # folds each chunk as it arrives: the driver never holds them all
+        self.mapper(cover_task, [(str(self.features), span, weights, bias, top_n, p.device) for span in spans],
+                    desc="coverage", on_result=fold.add)
+        fired = fold.result()
         if p.cover:
             members, scores = assign(rows, fired, top_n=top_n, min_score=min_score)
         else:

@@ -250,8 +250,18 @@ def fire(feats, index: np.ndarray, weights: np.ndarray, bias: np.ndarray, top_k:
     best_i = torch.zeros((len(w), 0), dtype=torch.int64, device=dev)
     for i in range(0, len(index), chunk):
         part = torch.from_numpy(index[i : i + chunk]).to(dev)
-        s = (rows(feats, index[i : i + chunk], dev) @ w.T).T  # (C, chunk)
-        both = torch.cat([best_s, s], 1)
-        best_s, pick = both.topk(min(k, both.shape[1]), dim=1)
-        best_i = torch.cat([best_i, part.expand(len(w), -1)], 1).gather(1, pick)
+        s = w @ rows(feats, index[i : i + chunk], dev).T  # (C, chunk), contiguous per cluster
+        best_s, best_i = keep_top(best_s, best_i, s, part, k)
     return best_i.cpu().numpy(), best_s.cpu().numpy()
+
+
+def keep_top(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, part: torch.Tensor, k: int):
+    """Each cluster's k best of its kept scores best_s (C, j) with rows best_i (C, j) and new scores
+    s (C, m) of the rows `part` (m,) -> best_s, best_i (C, min(k, j + m)), best first. The new rows'
+    indices are looked up, not broadcast to (C, m) (that int64 copy cost more than the scores)."""
+    both = torch.cat([best_s, s], 1)
+    best_s, pick = both.topk(min(k, both.shape[1]), dim=1)
+    j = best_i.shape[1]
+    if j == 0:
+        return best_s, part[pick]
+    return best_s, torch.where(pick < j, best_i.gather(1, pick.clamp(max=j - 1)), part[(pick - j).clamp(min=0)])
