@@ -86,7 +86,16 @@ class PatchStore:
         return out
 
     def _by_shard(self, indices: np.ndarray):
-        """Groups indices by shard -> iterator of (shard, positions in the shard, output positions)."""
+        """Groups indices by shard -> iterator of (shard, positions in the shard, output positions).
+        Ascending indices (all patches, cluster members) are cut by shard without a sort or per-index
+        temporaries."""
+        if len(indices) and indices[0] >= 0 and indices[-1] < self.shards.total and np.all(indices[1:] >= indices[:-1]):
+            starts = self.shards.starts
+            cuts = np.searchsorted(indices, np.r_[starts, self.shards.total])
+            for s in np.flatnonzero(cuts[1:] > cuts[:-1]):
+                a, b = int(cuts[s]), int(cuts[s + 1])
+                yield int(s), indices[a:b] - starts[s], np.arange(a, b)
+            return
         shard, pos = self.shards.locate(indices)
         order = np.argsort(shard, kind="stable")
         cuts = np.flatnonzero(np.diff(shard[order])) + 1

@@ -28,7 +28,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import simplejpeg
-import webdataset as wds
 from PIL import Image
 
 from infra import storage
@@ -157,6 +156,8 @@ def write_shard(path, items: list[Item], params: PatchParams) -> dict:
     Locally the tar is written under a temporary name next to `path`, then renamed; for an object
     store it is written to a node-local scratch file and uploaded in one PUT. Either way the index part
     comes from one scan of the finished local tar, and both parts are written after it."""
+    import webdataset as wds  # here, not at the top: it imports torch, which readers of shards need not load
+
     path = storage.to_path(path)
     remote = storage.is_remote(path)
     scratch = storage.scratch_dir("shard-") if remote else None

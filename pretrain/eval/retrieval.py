@@ -45,9 +45,11 @@ class HammingIndex:
     """Exhaustive Hamming search over packed codes: a thin wrapper of `faiss.IndexBinaryFlat`.
 
     packed_db: (N, K/8) uint8. `bits`, when given, must be 8 x the byte count: FAISS needs K % 8 == 0,
-    and a code length that is not a multiple of 8 would be silently padded by `pack_codes`."""
+    and a code length that is not a multiple of 8 would be silently padded by `pack_codes`. `counting`:
+    FAISS's counting search (`use_heap=False`) instead of its heap; the same order (distance, then row),
+    and for k near N (a whole ranking) about 9x faster on this 2-core machine."""
 
-    def __init__(self, packed_db: np.ndarray, bits: int | None = None):
+    def __init__(self, packed_db: np.ndarray, bits: int | None = None, *, counting: bool = False):
         packed_db = np.asarray(packed_db)
         if packed_db.dtype != np.uint8 or packed_db.ndim != 2:
             raise ValueError(f"HammingIndex needs packed (N, K/8) uint8 codes, got {packed_db.dtype} "
@@ -57,6 +59,7 @@ class HammingIndex:
                              f"got K={bits}")
         self.bits = 8 * packed_db.shape[1]
         self.index = faiss.IndexBinaryFlat(self.bits)
+        self.index.use_heap = not counting
         self.index.add(np.ascontiguousarray(packed_db))
 
     def __len__(self) -> int:
@@ -93,8 +96,11 @@ SUBSET_STREAM = 0x5EED  # the subset's random stream, apart from the repeats' dr
 def _class_groups(labels: np.ndarray, rows: np.ndarray) -> list[np.ndarray]:
     """rows (n,) int64 ascending with labels[rows] >= 0 -> per class, by increasing label, its rows
     (ascending). One stable sort, not one pass over the rows per class."""
-    order = np.argsort(labels[rows], kind="stable")
-    cuts = np.flatnonzero(np.diff(labels[rows][order])) + 1
+    lab = labels[rows]
+    order = np.argsort(lab, kind="stable")
+    lab = lab[order]
+    cuts = np.flatnonzero(lab[1:] != lab[:-1]) + 1
+    del lab
     return np.split(rows[order], cuts) if len(rows) else []
 
 
@@ -121,18 +127,21 @@ def eval_subset(labels: np.ndarray, *, queries_per_class: int, gallery_max: int 
     rows drawn by `seed` from the labels' classes alone. On its own output it returns every row."""
     labels = np.asarray(labels)
     known = np.flatnonzero(labels >= 0).astype(np.int64)
-    groups = _class_groups(labels, known)
-    per_class = [min(queries_per_class, len(m) - 1) for m in groups]
-    n_queries = int(sum(per_class))
+    per_class = np.minimum(queries_per_class, np.unique(labels[known], return_counts=True)[1] - 1)
+    n_queries = int(per_class.sum())
     if gallery_max is None or len(known) <= n_queries + gallery_max:
         return known
-    asking = sum(q > 0 for q in per_class)
+    asking = int((per_class > 0).sum())
     if gallery_max < asking:
         raise ValueError(f"eval.gallery_max={gallery_max} is below the {asking} classes with queries: each "
                          "needs a relevant gallery item")
     rng = np.random.default_rng([seed, SUBSET_STREAM])
+    groups = _class_groups(labels, known)
     reserved = np.concatenate([rng.choice(m, q + 1, replace=False) for m, q in zip(groups, per_class) if q > 0])
-    rest = np.setdiff1d(known, reserved)
+    del groups
+    rest = np.ones(len(known), bool)
+    rest[np.searchsorted(known, reserved)] = False
+    rest = known[rest]  # known less reserved, ascending
     fill = rng.choice(rest, n_queries + gallery_max - len(reserved), replace=False)
     return np.sort(np.concatenate([reserved, fill])).astype(np.int64)
 
@@ -141,9 +150,9 @@ def _score_split(packed, labels, queries, gallery, precision_ns, with_map: bool 
     """Per-query AP (None without `with_map`) and precision@N for one split. With AP, each query chunk
     ranks the whole gallery, the chunk sized so that it stays within RANK_BUDGET_BYTES; without, the
     search stops at the largest N."""
-    index = HammingIndex(packed[gallery])
-    gallery_labels = labels[gallery]
     k = len(gallery) if with_map else min(max(precision_ns), len(gallery))
+    index = HammingIndex(packed[gallery], counting=with_map)
+    gallery_labels = labels[gallery]
     chunk = int(np.clip(RANK_BUDGET_BYTES // max(k * RANK_CELL_BYTES, 1), 1, 256))
     ap, prec = [], {n: [] for n in precision_ns}
     for start in range(0, len(queries), chunk):

@@ -1,10 +1,11 @@
 """Per-patch row files read in bounded memory: stage 4's scores (N, K) and codes (N, K/8), the (N, d)
 feature memory maps.
 
-Rows come in chunks, each read through a memory map opened for that chunk alone: a map held over a whole
-file keeps every page it touched resident (at 12.8M patches x 64 float16 scores, 1.6 GB) where a map
-per chunk gives its pages back as it closes. On these chunks the eval stage computes its code statistics
-and finds each figure bit's extreme patches in one pass each, as the whole-array functions in
+Rows come in chunks, read with plain reads at their offsets in the .npy file, never through a memory
+map: pages a map touches count in the process's resident set while it is open, and the kernel maps
+pages around each one touched, so gathering 100,000 scattered rows of a 12.8M-row feature file through
+a map makes most of the file resident. On these chunks the eval stage computes its code statistics
+and finds each figure bit's extreme patches in one pass each, as the whole-array functions
 `retrieval.code_stats` and `attributes.extreme_picks` would (same figures, same ties).
 """
 from __future__ import annotations
@@ -19,24 +20,38 @@ from pretrain.eval.retrieval import code_stats_from_sums
 CHUNK_ROWS = 1 << 16
 
 
-def _rows_of(local) -> int:
-    mm = np.load(local, mmap_mode="r")
-    n = len(mm)
-    del mm
-    return n
+def _layout(f) -> tuple[tuple[int, ...], np.dtype, int]:
+    """An open .npy file -> (shape, dtype, offset of the data); C order only."""
+    major, _ = np.lib.format.read_magic(f)
+    read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+    if read is None:
+        raise ValueError(f"{f.name}: .npy version {major} is not read here")
+    shape, fortran, dtype = read(f)
+    if fortran or dtype.hasobject:
+        raise ValueError(f"{f.name}: not a C-ordered array of plain values")
+    return shape, dtype, f.tell()
 
 
 def take_rows(path, rows: np.ndarray | None = None, chunk: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
     """path: an .npy file (a path or a URI); rows: (n,) int64 ascending, or None for every row ->
-    arrays of up to `chunk` of those rows, in order (copies, not views of the file)."""
-    local = storage.local_copy(path)
-    total = _rows_of(local) if rows is None else len(rows)
-    for start in range(0, total, chunk):
-        mm = np.load(local, mmap_mode="r")
-        part = mm[start : start + chunk] if rows is None else mm[rows[start : start + chunk]]
-        out = np.array(part)
-        del mm, part
-        yield out
+    arrays of up to `chunk` of those rows, in order. Each run of consecutive rows is one read."""
+    with open(storage.local_copy(path), "rb") as f:
+        shape, dtype, offset = _layout(f)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        total = shape[0] if rows is None else len(rows)
+        for start in range(0, total, chunk):
+            want = np.arange(start, min(start + chunk, total)) if rows is None else \
+                np.asarray(rows[start : start + chunk], np.int64)
+            if len(want) and (want[0] < 0 or want[-1] >= shape[0]):
+                raise IndexError(f"{path}: rows outside [0, {shape[0]})")
+            out = np.empty((len(want), *shape[1:]), dtype)
+            flat = out.reshape(len(want), -1).view(np.uint8) if row_bytes else None
+            runs = np.flatnonzero(np.diff(want) != 1) + 1
+            for a, b in zip(np.r_[0, runs], np.r_[runs, len(want)]):
+                f.seek(offset + int(want[a]) * row_bytes)
+                if row_bytes and f.readinto(memoryview(flat[a:b]).cast("B")) != (b - a) * row_bytes:
+                    raise ValueError(f"{path}: rows {want[a]}..{want[b - 1]} are past the end of the file")
+            yield out
 
 
 def read_rows(path, rows: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
@@ -44,8 +59,9 @@ def read_rows(path, rows: np.ndarray, chunk: int = CHUNK_ROWS) -> np.ndarray:
     parts = list(take_rows(path, rows, chunk))
     if parts:
         return np.concatenate(parts)
-    mm = np.load(storage.local_copy(path), mmap_mode="r")
-    return np.zeros((0, *mm.shape[1:]), mm.dtype)
+    with open(storage.local_copy(path), "rb") as f:
+        shape, dtype, _ = _layout(f)
+    return np.zeros((0, *shape[1:]), dtype)
 
 
 def score_stats(path, chunk: int = CHUNK_ROWS) -> tuple[dict, np.ndarray]:

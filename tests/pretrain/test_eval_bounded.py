@@ -68,6 +68,9 @@ def test_row_scans_match_the_whole_array_versions(tmp_path):
     assert np.array_equal(extreme_rows(path, bits, per_side=8, chunk=1000), extreme_picks(scores, bits, 8))
     rows = np.sort(rng.choice(1000, 100, replace=False))
     assert np.array_equal(read_rows(path, rows, chunk=7), scores[rows])
+    assert np.array_equal(read_rows(path, np.arange(1000), chunk=300), scores)  # runs of rows: one read each
+    with pytest.raises(IndexError):
+        read_rows(path, np.array([5, 1000]))
     small = tmp_path / "small.npy"
     np.save(small, scores[:5])
     assert np.array_equal(extreme_rows(small, bits, per_side=8, chunk=2), extreme_picks(scores[:5], bits, 8))

@@ -36,6 +36,10 @@ def test_hamming_index_matches_numpy_popcount():
     assert np.all(np.diff(dist, axis=1) >= 0)
     assert np.array_equal(np.take_along_axis(ref, idx, 1), dist)
     assert np.array_equal(np.sort(idx, 1), np.tile(np.arange(300), (7, 1)))
+    # ties in row order (what makes a top-N search a prefix of the whole ranking), heap or counting
+    assert np.array_equal(idx, np.argsort(ref, axis=1, kind="stable"))
+    for k in (10, 300):
+        assert np.array_equal(HammingIndex(pack_codes(db), counting=True).search(pack_codes(q), k)[1], idx[:, :k])
 
 
 def test_hamming_index_rejects_unpacked_codes_and_odd_lengths():
