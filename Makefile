@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python scripts/bench_cluster.py
 	$(BIN)/python scripts/bench_train.py
 	$(BIN)/python scripts/bench_transfer.py
+	$(BIN)/python scripts/bench_eval.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
