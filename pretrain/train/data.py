@@ -2,7 +2,7 @@
 
 The members' pixels are gathered once per round into `members.npy`, a (M, P, P, 3) uint8 array in
 the order of the cluster file's `member_index` (cluster c's members are rows offsets[c]:offsets[c+1]),
-by one task (a path or a bucket URI). Every training process memory-maps it (a URI through its node's
+decoded by parallel tasks into parts and assembled by one (a path or a bucket URI). Every training process memory-maps it (a URI through its node's
 cache, fetched once per node), so the pages are shared by the processes of a node and a batch is one
 fancy-index gather; augmentation happens later, batched on the training device
 (`pretrain.train.augment`), so loader workers only ship uint8.
@@ -14,6 +14,7 @@ round: `views_per_member * M` samples. Step s of rank r draws from a generator s
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -24,10 +25,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from infra import storage
-from pretrain.parts import build_file
+from pretrain.parts import assemble, build_file, finished, fingerprint, part_name
 from shards.store import PatchStore
 
 GATHER_CHUNK = 4096
+PART_ROWS = 65536  # members per decoding task (1.8 GB of 96x96 pixels)
 
 
 def member_pixels_task(shards_root: str, member_index: np.ndarray, out: str) -> dict:
@@ -47,15 +49,35 @@ def member_pixels_task(shards_root: str, member_index: np.ndarray, out: str) -> 
 
 
 def write_member_pixels(shards_root: str | Path, member_index: np.ndarray, out: str | Path,
-                        mapper: Callable | None = None) -> Path:
+                        mapper: Callable | None = None, part_rows: int = PART_ROWS) -> Path:
     """`out` (a path or a URI): the (M, P, P, 3) uint8 pixels of the patches `member_index` (M,) int64,
-    in that order, written whole or not at all. With `mapper`, one task writes it (the driver never holds
-    the pixels); without, this process does -> the location of `out` (a Path, or a UPath for a URI)."""
-    args = (str(storage.absolute(shards_root)), np.asarray(member_index, np.int64), str(storage.absolute(out)))
+    in that order, written whole or not at all -> its location (a Path, or a UPath for a URI).
+
+    Without `mapper` this process writes it. With one, the members are decoded in parallel: a task per
+    `part_rows` members writes them as a part file beside `out` (`<out>.parts/`, names carrying the
+    members' fingerprint, so a killed run's finished parts are kept and another member list's are
+    not), then one task assembles the parts into `out` and the parts are removed. The driver never
+    holds pixels."""
+    root, member_index = str(storage.absolute(shards_root)), np.asarray(member_index, np.int64)
+    out = storage.absolute(out)
     if mapper is None:
-        member_pixels_task(*args)
-    else:
-        mapper(member_pixels_task, [args], desc="member pixels")
+        member_pixels_task(root, member_index, str(out))
+        return storage.to_path(out)
+    parts_dir = storage.to_path(out).with_name(out.name + ".parts")
+    tag = fingerprint({"shards": root, "members": hashlib.sha256(member_index.tobytes()).hexdigest()})
+    starts = range(0, len(member_index), part_rows)
+    names = {i: part_name(i, tag) for i in range(len(starts))}
+    done = finished(parts_dir, {i: [n] for i, n in names.items()})
+    todo = [(root, member_index[s : s + part_rows], str(parts_dir / names[i]))
+            for i, s in enumerate(starts) if i not in done]
+    if todo:
+        mapper(member_pixels_task, todo, desc="member pixels")
+    p = PatchStore(root).shards.patch_px
+    parts = [{"key": str(parts_dir / names[i]), "start": s, "rows": min(part_rows, len(member_index) - s)}
+             for i, s in enumerate(starts)]
+    mapper(assemble, [([{"out": str(out), "shape": [len(member_index), p, p, 3], "dtype": "uint8",
+                         "parts": parts}],)], desc="member pixels: assemble")
+    storage.rmtree(parts_dir)
     return storage.to_path(out)
 
 

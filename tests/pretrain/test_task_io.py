@@ -198,13 +198,27 @@ def test_a_killed_write_codes_encodes_only_the_shards_without_parts(model_blob, 
 
 # --- stage 3 inputs ------------------------------------------------------------------------------------
 
-def test_member_pixels_on_a_bucket_in_one_task(shard_dir, bucket, tmp_path, node_cache):
+def test_member_pixels_on_a_bucket_decoded_in_parallel_parts(shard_dir, bucket, tmp_path, node_cache):
     member_index = np.r_[np.random.default_rng(1).permutation(60)[:25], 7, 7].astype(np.int64)
     local = write_member_pixels(shard_dir, member_index, tmp_path / "members.npy")
-    watched = Watched()
-    remote = write_member_pixels(shard_dir, member_index, bucket + "/train/round0/members.npy", mapper=watched)
-    assert str(remote) == bucket + "/train/round0/members.npy" and watched.calls == [member_pixels_task]
+    out = bucket + "/train/round0/members.npy"
+    with pytest.raises(KeyboardInterrupt):  # killed after the decoding tasks, before the assembly
+        write_member_pixels(shard_dir, member_index, out, mapper=Watched(stop=assemble), part_rows=10)
+    assert len(storage.list_names(out + ".parts")) == 3  # 27 members in parts of 10
+    counting = []
+
+    def mapper(fn, args, **kw):
+        counting.append((fn, len(args)))
+        return Watched()(fn, args, **kw)
+
+    remote = write_member_pixels(shard_dir, member_index, out, mapper=mapper, part_rows=10)
+    assert str(remote) == out and counting == [(assemble, 1)]  # the finished parts were kept
     same_bytes(remote, local)
+    assert storage.size_of(out + ".parts") is None and storage.list_names(bucket + "/train/round0") == ["members.npy"]
+    counting.clear()
+    other = write_member_pixels(shard_dir, member_index[::-1], tmp_path / "reversed.npy", mapper=mapper, part_rows=10)
+    assert counting == [(member_pixels_task, 3), (assemble, 1)]
+    assert np.array_equal(np.load(other), np.load(local)[::-1])
     assert np.array_equal(np.load(local), PatchStore(shard_dir).get(member_index))
     assert not any((node_cache / "scratch").iterdir())  # the build directory is gone
 
