@@ -1,7 +1,8 @@
 """Plans a run at ImageNet scale from measured JSON lines: time, memory and bytes moved per stage.
 
     python scripts/plan_scale.py --nodes 8 --gpus-per-node 8 --cpus-per-node 64 --net-gbps 200 --gpu h100 \
-        --measured rehearsal.jsonl bench.jsonl [--config pretrain/configs/imagenet.yaml] [--json]
+        [--measured rehearsal.jsonl bench.jsonl ...] [--config pretrain/configs/imagenet.yaml] [--json]
+    (--measured defaults to scripts/measured/*.jsonl: what was measured on this repository's machine)
     python scripts/plan_scale.py --reproduce rehearsal.jsonl [--json]
 
 The model, per stage: time = a measured cost per unit (CPU-seconds per patch x cluster of a clustering
@@ -36,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pretrain.config import CONFIG_DIR, load_config  # noqa: E402
+from pretrain.train.data import PART_ROWS  # noqa: E402
 
 # assumed vendor figures (dense, no sparsity): bf16 and fp32 (non-tensor-core) TFLOP/s, GPU memory GB
 GPUS = {"h100": (989.0, 67.0, 80), "h200": (989.0, 67.0, 141), "a100": (312.0, 19.5, 80), "l40s": (362.0, 91.6, 48)}
@@ -311,8 +313,12 @@ class Planner:
         rate, s1 = self.bench("shards", key, 1000.0, "patches/s per core, random order")
         px = self.cfg.data.patch_size_px
         moved = members * px * px * 3
-        self.add("member pixels (one task)", members / rate + self.net(moved, 1), count=self.cfg.train.rounds,
-                 slots="1 core", bytes_=moved, sources=[src, s1, self.net_source()])
+        tasks = math.ceil(members / PART_ROWS)  # decoding tasks, then one assembly task on one node
+        decode = waves(members / rate, tasks, self.cl.cpus)
+        self.add("member pixels", decode + self.net(moved, self.cl.nodes) + self.net(2 * moved, 1),
+                 count=self.cfg.train.rounds, slots=f"{min(tasks, self.cl.cpus)} cores + 1 node",
+                 bytes_=3 * moved, sources=[src, s1, f"assumed: {tasks} decoding tasks of {PART_ROWS} members"
+                                            " write parts, one task on one node reads them and writes members.npy", self.net_source()])
         return members, src
 
     def gpu_line(self, kind: str, key: str):
@@ -523,7 +529,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cpus-per-node", type=int, default=64)
     ap.add_argument("--net-gbps", type=float, default=200.0)
     ap.add_argument("--gpu", default="h100", choices=sorted(GPUS))
-    ap.add_argument("--measured", nargs="*", default=[], help="JSON-lines files of benches and rehearsals")
+    ap.add_argument("--measured", nargs="*", default=None,
+                    help="JSON-lines files of benches and rehearsals (default: scripts/measured/*.jsonl, this "
+                         "repository's own measurements)")
     ap.add_argument("--config", default=str(CONFIG_DIR / "imagenet.yaml"))
     ap.add_argument("--images", type=int, default=1281167, help="source images (ImageNet train)")
     ap.add_argument("--mfu", type=float, default=0.15, help="assumed training MFU without a measured GPU line")
@@ -537,6 +545,8 @@ def main(argv=None) -> None:
         r = reproduce(read_measured([args.reproduce]))
         print(json.dumps(r)) if args.json else print_reproduce(r)
         return
+    if args.measured is None:
+        args.measured = sorted(str(f) for f in (REPO / "scripts" / "measured").glob("*.jsonl"))
     for f in args.measured:
         if not Path(f).is_file():
             raise SystemExit(f"plan_scale: no such file: {f}")

@@ -94,8 +94,9 @@ def test_the_plan_scales_with_the_cluster(rehearsal, capsys):
     # the GPU-bound SVM rounds over 30 blocks: 64 GPUs already run them all at once
     assert large["clustering: svm_round2"]["time_s"] == pytest.approx(small["clustering: svm_round2"]["time_s"],
                                                                        rel=0.01)
-    # one task and the config's 8 training GPUs do not get faster with more nodes
-    assert large["member pixels (one task)"]["time_s"] == small["member pixels (one task)"]["time_s"]
+    # the members' decoding spreads over the cores, their assembly (one task) does not
+    assert small["member pixels"]["time_s"] / 2 < large["member pixels"]["time_s"] < small["member pixels"]["time_s"]
+    # the config's 8 training GPUs do not get faster with more nodes
     assert large["training (per round)"]["time_s"] == small["training (per round)"]["time_s"]
 
 
