@@ -75,7 +75,7 @@ def run(cfg, run_dir, force: list[str]) -> dict:
     from infra.ray_edge import connect, node_gpus
 
     log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
-    ray_map = task_map_for(cfg, gpus=0)
+    cpu_map = task_map_for(cfg, gpus=0)  # Ray tasks on CPUs, with the configured retries
     gpus = node_gpus()
     if cfg.cluster.gpus_per_task > gpus:  # such tasks would wait forever
         raise ConfigError(f"cluster.gpus_per_task is {cfg.cluster.gpus_per_task} but no node of the Ray cluster "
@@ -87,7 +87,7 @@ def run(cfg, run_dir, force: list[str]) -> dict:
         project=cfg.tracking.project, entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s,
     )
     try:
-        result = stages.shard_stage(cfg, run, data, ray_map, force="shard" in force)
+        result = stages.shard_stage(cfg, run, data, cpu_map, force="shard" in force)
         index = ShardSet.open(stages.shards_root(cfg, run))
         tracker.log({"stage": "shard", "skipped": result.skipped, "wall_s": result.record["wall_s"],
                      "patches": index.total, "shards": len(index.names)})
@@ -97,7 +97,7 @@ def run(cfg, run_dir, force: list[str]) -> dict:
             tracker.log_image("shard/patches", preview)
         except ShardError as exc:  # a figure never stops a run
             log.warning("patch preview skipped: %s", exc)
-        result = stages.features_stage(cfg, run, ray_map, force="features" in force)
+        result = stages.features_stage(cfg, run, cpu_map, force="features" in force)
         tracker.log({"stage": "features", "skipped": result.skipped, "wall_s": result.record["wall_s"]})
         log_stage = functools.partial(_log_stage, tracker, lay)
         reports = alternate(cfg, run, index.root, trainer=trainer_for(cfg), task_map=task_map_for(cfg),

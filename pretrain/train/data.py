@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from infra import storage
 from pretrain.parts import assemble, build_file, finished, fingerprint, part_name
+from shards.shardset import ShardSet
 from shards.store import PatchStore
 
 GATHER_CHUNK = 4096
@@ -72,7 +73,7 @@ def write_member_pixels(shards_root: str | Path, member_index: np.ndarray, out: 
             for i, s in enumerate(starts) if i not in done]
     if todo:
         mapper(member_pixels_task, todo, desc="member pixels")
-    p = PatchStore(root).shards.patch_px
+    p = ShardSet.open(root).patch_px  # the index alone: no per-shard metadata in the driver
     parts = [{"key": str(parts_dir / names[i]), "start": s, "rows": min(part_rows, len(member_index) - s)}
              for i, s in enumerate(starts)]
     mapper(assemble, [([{"out": str(out), "shape": [len(member_index), p, p, 3], "dtype": "uint8",
