@@ -157,17 +157,29 @@ def ray_storage_of(train_dir) -> Location:
     return train_dir / "ray"
 
 
-class TransferLayout(_Root):
+class _Scored(_Root):
+    """A transfer run: a summary of its data, its results as JSON and as a markdown table."""
+
+    @property
+    def data_summary(self) -> Location:
+        return self.root / "data" / "summary.json"
+
+    @property
+    def results(self) -> Location:
+        return self.root / "results.json"
+
+    @property
+    def results_md(self) -> Location:
+        return self.root / "results.md"
+
+
+class TransferLayout(_Scored):
     """Where each artifact of one detection-transfer run lives (transfer/voc07.py)."""
 
     DATA, TRAIN, TEST = "data", "train", "test"
 
     def roidb(self, role: str) -> Location:
         return self.root / "data" / f"{role}.npz"
-
-    @property
-    def data_summary(self) -> Location:
-        return self.root / "data" / "summary.json"
 
     @property
     def train_dir(self) -> Location:
@@ -181,10 +193,36 @@ class TransferLayout(_Root):
     def detector(self) -> Location:
         return self.root / "detector.safetensors"
 
-    @property
-    def results(self) -> Location:
-        return self.root / "results.json"
+
+class ClassifyLayout(_Scored):
+    """Where each artifact of one classification-transfer run lives (transfer/classify.py).
+
+        <run>/data/index.npz summary.json     stage `data`: labels, the images used, the splits
+        <run>/features/features.npy meta.json stage `features` (parts/part-NNNNN.npy: one task's rows)
+        <run>/results.json results.md         stage `eval`; eval/predictions.npz, figures/confusion.png
+    """
+
+    DATA, FEATURES, EVAL = "data", "features", "eval"
 
     @property
-    def results_md(self) -> Location:
-        return self.root / "results.md"
+    def data_index(self) -> Location:
+        return self.root / "data" / "index.npz"
+
+    @property
+    def features(self) -> Location:
+        return self.root / "features" / "features.npy"
+
+    @property
+    def features_meta(self) -> Location:
+        return self.root / "features" / "meta.json"
+
+    def feature_part(self, i: int) -> Location:
+        return self.root / "features" / "parts" / f"part-{i:05d}.npy"
+
+    @property
+    def predictions(self) -> Location:
+        return self.root / "eval" / "predictions.npz"
+
+    @property
+    def confusion_figure(self) -> Location:
+        return self.figures / "confusion.png"

@@ -159,6 +159,17 @@ def ray_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: f
     return results
 
 
+def connecting_map(address: str | None = None, num_cpus: int | None = None) -> Callable:
+    """`ray_map` that connects (see `connect`) on its first call: a stage whose outputs are cached, or that
+    runs in this process, needs no cluster."""
+
+    def map_fn(*args, **kw):
+        logging.getLogger(__name__).info(connect(address or None, num_cpus or None))
+        return ray_map(*args, **kw)
+
+    return map_fn
+
+
 def serial_map(fn: Callable, arg_tuples: Sequence[tuple], *, desc: str, num_cpus: float = 1, num_gpus: float = 0,
                on_result: Callable[[int, object], None] | None = None, max_retries: int = 0) -> list:
     """The same contract as `ray_map`, in this process (nothing to retry: an error is raised)."""

@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 
 from infra.configlib import ConfigError, dump_yaml, to_dict, valid_keys    # noqa: E402
 from pretrain.models.weights import WeightsError    # noqa: E402
+from infra.ray_edge import connecting_map    # noqa: E402
 from infra.rundir import RunDir, RunDirError    # noqa: E402
 from infra.tracking import Tracker    # noqa: E402
 from infra.session import default_device, local_trainer  # noqa: E402
@@ -70,18 +71,6 @@ def resolve_voc(cfg: TransferConfig) -> Path:
     return find_year_dir(voc)
 
 
-def _ray_map(cfg: TransferConfig):
-    """infra.ray_edge.ray_map, connecting to Ray on first use: cached proposals need no cluster."""
-
-    def map_fn(*args, **kw):
-        from infra.ray_edge import connect, ray_map
-
-        log.info(connect(cfg.ray.address or None, cfg.ray.num_cpus or None))
-        return ray_map(*args, **kw)
-
-    return map_fn
-
-
 def _trainer(cfg: TransferConfig):
     """trainer(config, name=, storage_path=): this process (CUDA when it sees a GPU), or Ray Train DDP."""
     t = cfg.train
@@ -114,7 +103,8 @@ def run(cfg: TransferConfig, run_dir, *, init: str, ckpt: str, force: list[str])
                       "ckpt": ckpt}, wandb_mode=cfg.tracking.wandb, project=cfg.tracking.project,
                       entity=cfg.tracking.entity, init_timeout_s=cfg.tracking.init_timeout_s)
     try:
-        result = stages.data_stage(cfg, run, year_dir, _ray_map(cfg), force="data" in force)
+        map_fn = connecting_map(cfg.ray.address, cfg.ray.num_cpus)
+        result = stages.data_stage(cfg, run, year_dir, map_fn, force="data" in force)
         summary = json.loads(lay.data_summary.read_text())
         tracker.log({"stage": "data", "skipped": result.skipped,
                      **{f"data/{r}/{k}": v for r, s in summary.items() for k, v in s.items() if k != "split"}})

@@ -83,12 +83,14 @@ class AlexNetTrunk(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != (self.input_px, self.input_px):
             raise ValueError(f"expected input (B, 3, {self.input_px}, {self.input_px}), got {tuple(x.shape)}")
 
+    def _conv_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+        return getattr(self, f"pool{i}")(x) if hasattr(self, f"pool{i}") else x
+
     def _run(self, x: torch.Tensor, stop: str) -> torch.Tensor:
         self._check(x)
         for i in range(1, 6):
-            x = F.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
-            if hasattr(self, f"pool{i}"):
-                x = getattr(self, f"pool{i}")(x)
+            x = self._conv_block(i, x)
             if stop == f"conv{i}":
                 return x.flatten(1)
         x = F.relu(self.bn6(self.fc6(x.flatten(1))))  # (B, d)
@@ -109,6 +111,22 @@ class AlexNetTrunk(nn.Module):
         if layer not in LAYERS:
             raise ValueError(f"layer must be one of {', '.join(LAYERS)}, got {layer!r}")
         return self._run(x, layer)
+
+    def conv_maps(self, x: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """x: (B, 3, H, W) float of any size the convolutions accept -> {layer: (B, C, h, w)} post-ReLU
+        maps of the named conv layers (after their pools, as `features`): the fully convolutional use
+        of the trunk on images larger than its training patches (paper sec. 4.2, after [13])."""
+        bad = [n for n in layers if n not in LAYERS[:5]]
+        if bad or not layers:
+            raise ValueError(f"conv_maps takes conv1..conv5, got {', '.join(bad) or 'none'}")
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected input (B, 3, H, W), got {tuple(x.shape)}")
+        out, last = {}, max(int(n[-1]) for n in layers)
+        for i in range(1, last + 1):
+            x = self._conv_block(i, x)
+            if f"conv{i}" in layers:
+                out[f"conv{i}"] = x
+        return out
 
 
 def build_trunk(arch: str, width: float = 1.0, dropout: float = 0.5, batchnorm: bool = True) -> AlexNetTrunk:
