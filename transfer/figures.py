@@ -145,3 +145,34 @@ def ap_bars(ap_by_run: dict[str, dict[str, float]], path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path, dpi=110)
+
+
+def confusion_figure(conf: np.ndarray, classes: tuple[str, ...], path, *, title: str = "") -> Path:
+    """conf: (C, C) counts, row = true class, column = predicted -> a row-normalised heat map with each
+    class's accuracy on the diagonal (cells labelled in % when C <= 20)."""
+    conf = np.asarray(conf, np.float64)
+    if conf.ndim != 2 or conf.shape != (len(classes), len(classes)):
+        raise FigureError(f"confusion matrix {conf.shape} does not match {len(classes)} classes")
+    rows = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    n = len(classes)
+    side = min(14.0, 2.5 + 0.45 * n)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ticks = np.arange(n)
+    labels = classes if n <= 40 else [c if i % max(1, n // 40) == 0 else "" for i, c in enumerate(classes)]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if rows[i, j] >= 0.005:
+                    ax.text(j, i, f"{100 * rows[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if rows[i, j] > 0.5 else "black")
+    acc = np.trace(conf) / max(conf.sum(), 1)
+    ax.set_title(f"{title + ': ' if title else ''}accuracy {100 * acc:.1f}% over {int(conf.sum())} predictions")
+    fig.tight_layout()
+    return _save(fig, path, dpi=110)
