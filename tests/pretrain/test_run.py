@@ -11,7 +11,7 @@ pytestmark = pytest.mark.ray
 SMALL = TOY_RUN
 
 
-def test_demo_run_builds_shards_then_skips_them(tmp_path):
+def test_demo_run_builds_shards_then_skips_them_and_keeps_its_files_on_a_bad_rerun(tmp_path):
     run_dir = tmp_path / "run"
     first = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL])
     assert first.returncode == 0, first.stderr
@@ -45,6 +45,12 @@ def test_demo_run_builds_shards_then_skips_them(tmp_path):
     assert [m["skipped"] for m in metrics if m.get("stage") == "shard"] == [False, True, False]
     assert sum(m.get("image") == "shard/patches" for m in metrics) == 3
 
+    # a bad rerun of the existing run directory loses nothing already written
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    bad = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.source=/no/such/dir"])
+    assert bad.returncode == 2
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
 
 def test_bad_key_and_missing_source_fail_in_one_line_and_write_nothing(tmp_path):
     bad = run_cli(["pretrain/run.py", "--run-dir", str(tmp_path / "a"), "--set", "data.nope=1"])
@@ -55,16 +61,6 @@ def test_bad_key_and_missing_source_fail_in_one_line_and_write_nothing(tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: source not found: {tmp_path}/x"]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_existing_run_keeps_its_files_on_a_bad_rerun(tmp_path):
-    run_dir = tmp_path / "run"
-    assert run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set",
-                    "tracking.wandb=disabled"]).returncode == 0
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
-    bad = run_cli(["pretrain/run.py", "--run-dir", str(run_dir), *SMALL, "--set", "data.source=/no/such/dir"])
-    assert bad.returncode == 2
-    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_help_lists_config_keys():
