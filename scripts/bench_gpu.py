@@ -1,6 +1,6 @@
 """The GPU figures the scale planner needs, in one run: one JSON line per figure.
 
-    python scripts/bench_gpu.py [--out FILE.jsonl] [--small] [--only train,kmeans,svm,export]
+    python scripts/bench_gpu.py [--out FILE.jsonl] [--small] [--only train,kmeans,svm,export,classify]
 
   {"bench": "train", ...}   AlexNet-96 (width 1) at batch 256 with bf16 autocast, fed by the real loader
                             (`scripts/bench_train.py`'s measurement): samples_per_s, mfu against
@@ -12,6 +12,10 @@
                             hard-negative mining, imagenet.yaml's C, tolerance and mining rounds: wall_s
   {"bench": "export", ...}  the hashing code export's model pass (`pretrain.train.export.hash_scores`, the
                             function every code task runs) on 96x96 patches: images_per_s
+  {"bench": "classify", ...} the classification transfer's feature extraction
+                            (`transfer.image_features.trunk_features`, conv1-5 of AlexNet-96 at width 1):
+                            STL-10's 96 px images with quadrant pooling and Caltech-101's 150 px with a
+                            3-level pyramid: images_per_s of each (decoded images in memory)
 
 Every line carries "device" (the GPU's name, or "cpu") so `scripts/plan_scale.py --measured FILE`
 can tell measured GPU figures from CPU ones. `--small` runs every figure at a size a CPU finishes in
@@ -41,7 +45,7 @@ from pretrain.models.alexnet import HashHead, build_trunk  # noqa: E402
 from pretrain.models.weights import save_weights  # noqa: E402
 from infra.storage import sha256_file  # noqa: E402
 
-FIGURES = ("train", "kmeans", "svm", "export")
+FIGURES = ("train", "kmeans", "svm", "export", "classify")
 
 
 def device_name() -> str:
@@ -122,6 +126,19 @@ def bench_export(images: int, bits: int = 64) -> dict:
     return {"images": images, "bits": bits, "images_per_s": round(images / wall, 1)}
 
 
+def bench_classify(images: int) -> dict:
+    from transfer.image_features import CONV_LAYERS, trunk_features
+
+    trunk = build_trunk("alexnet96").eval().to("cuda" if torch.cuda.is_available() else "cpu")
+    out = {"images": images, "layers": list(CONV_LAYERS)}
+    for name, px, levels in (("stl10", 96, (2,)), ("caltech101", 150, (1, 2, 4))):
+        x = np.random.default_rng(0).integers(0, 256, (images, px, px, 3), dtype=np.uint8)
+        trunk_features(trunk, x[:32], CONV_LAYERS, levels)  # warm-up
+        wall = timed(lambda: trunk_features(trunk, x, CONV_LAYERS, levels, batch=256))
+        out[f"{name}_images_per_s"] = round(images / wall, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="append the JSON lines to this file too")
@@ -132,6 +149,7 @@ def main() -> None:
     ap.add_argument("--svm-clusters", type=int, default=1000)
     ap.add_argument("--svm-negatives", type=int, default=200_000, help="imagenet.yaml's cluster.cache_size")
     ap.add_argument("--export-images", type=int, default=50_000)
+    ap.add_argument("--classify-images", type=int, default=20_000)
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s (H100 SXM)")
     args = ap.parse_args()
     only = [f.strip() for f in args.only.split(",") if f.strip()]
@@ -140,10 +158,12 @@ def main() -> None:
         ap.error(f"unknown figures {', '.join(unknown)} (choose from {', '.join(FIGURES)})")
     if args.small:
         args.kmeans_n, args.kmeans_k, args.svm_clusters, args.svm_negatives, args.export_images = 20000, 200, 20, 2000, 128
+        args.classify_images = 64
     runs = {"train": lambda: bench_train(args.small, args.peak_tflops),
             "kmeans": lambda: bench_kmeans(args.kmeans_n, args.kmeans_k),
             "svm": lambda: bench_svm(args.svm_clusters, args.svm_negatives),
-            "export": lambda: bench_export(args.export_images)}
+            "export": lambda: bench_export(args.export_images),
+            "classify": lambda: bench_classify(args.classify_images)}
     for name in only:
         line = json.dumps({"bench": name, "device": device_name(), **runs[name]()})
         print(line, flush=True)

@@ -9,12 +9,13 @@ from tests.scripts.test_scale import plan
 
 def test_the_gpu_bench_prints_lines_the_planner_takes_as_measured_on_their_device(tmp_path, capsys):
     out = tmp_path / "gpu.jsonl"
-    run = run_cli(["scripts/bench_gpu.py", "--small", "--only", "kmeans,export", "--out", str(out)], timeout=300)
+    run = run_cli(["scripts/bench_gpu.py", "--small", "--only", "kmeans,export,classify", "--out", str(out)], timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [(d["bench"], d["device"]) for d in lines] == [("kmeans", "cpu"), ("export", "cpu")]
+    assert [(d["bench"], d["device"]) for d in lines] == [("kmeans", "cpu"), ("export", "cpu"), ("classify", "cpu")]
     assert lines[0]["wall_s"] > 0 and (lines[0]["n"], lines[0]["k"], lines[0]["d"]) == (20000, 200, 256)
     assert lines[1]["images_per_s"] > 0 and lines[1]["images"] == 128
+    assert lines[2]["stl10_images_per_s"] > 0 and lines[2]["caltech101_images_per_s"] > 0
     # a line measured on a CPU never stands in for the plan's GPU
     (line := dict(lines[0]))["device"] = "NVIDIA H100 80GB HBM3"
     (tmp_path / "h100.jsonl").write_text(json.dumps(line) + "\n")
