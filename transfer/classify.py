@@ -104,8 +104,9 @@ def describe(spec: FeatureSpec) -> str:
         return f"raw pixels at {spec.pixels_px} px"
     if spec.method == "hog":
         return f"HOG, {spec.hog_cell_px} px cells at {spec.image_px} px"
-    grids = "+".join(f"{g}x{g}" for g in spec.pool_levels)
-    return f"{spec.init} {spec.arch} x{spec.width:g} {','.join(spec.layers)}, max-pooled {grids}, at {spec.image_px} px"
+    pooled = f", max-pooled {'+'.join(f'{g}x{g}' for g in spec.pool_levels)}" \
+        if any(n.startswith("conv") for n in spec.layers) else ""
+    return f"{spec.init} {spec.arch} x{spec.width:g} {','.join(spec.layers)}{pooled}, at {spec.image_px} px"
 
 
 def run(cfg: ClassifyConfig, run_dir, *, spec: FeatureSpec, lset: LabelledSet, force: list[str]) -> dict:

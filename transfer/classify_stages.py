@@ -179,7 +179,8 @@ def format_results(record: dict) -> str:
         lines.append(f"| {name} | {_fmt(r['accuracy'], r['accuracy_std'], n)} | {', '.join(chosen)} |")
     lines += ["", "| class | linear % | k-NN % |", "|---|---:|---:|"]
     for c in record["classes"]:
-        lines.append(f"| {c} | {100 * record['linear']['per_class'][c]:.1f} | {100 * record['knn']['per_class'][c]:.1f} |")
+        cells = [record[name]["per_class"][c] for name in PROBES]
+        lines.append(f"| {c} | " + " | ".join("n/a" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,10 +212,7 @@ def eval_stage(cfg: ClassifyConfig, run: RunDir, *, variant: str, spec: FeatureS
                             "per_split": s["per_split"], "chosen": s["chosen"], "cv_accuracy": s["cv_accuracy"],
                             "per_class": {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, s["per_class"])},
                             "confusion": s["confusion"].tolist()}
-        md_record = {**record, **{n: {**record[n], "per_class": {c: (v if v is not None else float("nan"))
-                                                                  for c, v in record[n]["per_class"].items()}}
-                                  for n in PROBES}}
-        out = [atomic_write_json(lay.results, record), atomic_write_text(lay.results_md, format_results(md_record)),
+        out = [atomic_write_json(lay.results, record), atomic_write_text(lay.results_md, format_results(record)),
                atomic_write_npz(lay.predictions, **scored["predictions"]),
                confusion_figure(scored["linear"]["confusion"], classes, lay.confusion_figure,
                                 title=f"{variant}, linear")]

@@ -181,3 +181,19 @@ def test_bad_inputs_fail_in_one_line_before_anything_is_written(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and message in err and "\n" not in err, (args, err)
         assert not run_dir.exists(), args
+
+
+def test_checkpoint_and_run_directory_in_a_bucket(tmp_path, bucket, capsys):
+    from infra import storage
+
+    data = _write_images(tmp_path / "set", {"a": 4, "b": 4})
+    ckpt = f"{bucket}/runs/demo/final.safetensors"
+    storage.put_file(write_final(tmp_path / "final.safetensors", trained_like_trunk()), ckpt)
+    run = f"{bucket}/classify/set"
+    assert classify.main(["--ckpt", ckpt, "--data", str(data), "--run-dir", run, *QUICK]) == 0
+    assert "| linear |" in capsys.readouterr().out
+    r = json.loads(storage.to_path(f"{run}/results.json").read_text())
+    assert r["variant"] == "pretrained" and r["images_used"] == 8 and r["features"]["rows"] == 8
+    for name in ("features/features.npy", "figures/confusion.png", "manifest.json", "eval/predictions.npz"):
+        assert storage.size_of(f"{run}/{name}"), name
+    assert not storage.list_names(f"{run}/features/parts")
