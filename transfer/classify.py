@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python transfer/classify.py` from a checkout
 
 from infra import storage  # noqa: E402
+from infra.cli import add_run_args, check_force, run_dir_of  # noqa: E402
 from infra.configlib import ConfigError, dump_yaml, to_dict, valid_keys  # noqa: E402
 from infra.layout import ClassifyLayout  # noqa: E402
 from infra.ray_edge import connecting_map, serial_map  # noqa: E402
@@ -55,13 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the trunk's weights: from --ckpt, or He-normal random (the no-pretraining floor)")
     p.add_argument("--features", choices=METHODS, default="trunk",
                    help="trunk (the network's), or the pixels / hog floors through the same probes")
-    p.add_argument("--config", default=None, help="experiment YAML (default: the protocol's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. features.layers=[conv5] (repeatable)")
-    p.add_argument("--run-dir", default=None,
-                   help="run directory, a path or bucket URI (default: <run.root>/<run.name>-<variant>)")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo data|features|eval")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_run_args(p, stages=STAGES, config_default="the protocol's", set_example="features.layers=[conv5]",
+                 run_dir_default="<run.root>/<run.name or protocol>-<variant>")
     return p.parse_args(argv)
 
 
@@ -150,19 +145,13 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        unknown = set(args.force) - set(STAGES)
-        if unknown:
-            raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
+        check_force(args.force, STAGES)
         spec = feature_spec(cfg, method=args.features, init=args.init, ckpt=args.ckpt)
         if spec.ckpt:
             load_trunk(spec.ckpt)  # a wrong checkpoint fails here, before anything is written
         lset = read_set(cfg)
-        name = cfg.run.name or cfg.data.protocol
-        run_dir = storage.to_path(args.run_dir) if args.run_dir else \
-            storage.to_path(cfg.run.root) / f"{name}-{variant_name(spec.method, spec.init)}"
-        if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not storage.is_remote(run_dir) \
-                and not run_dir.is_absolute():
-            raise ConfigError(f"on a cluster the run directory must be an absolute shared path, got {run_dir}")
+        name = f"{cfg.run.name or cfg.data.protocol}-{variant_name(spec.method, spec.init)}"
+        run_dir = run_dir_of(args.run_dir, storage.to_path(cfg.run.root) / name, cfg.ray.address)
         run(cfg, run_dir, spec=spec, lset=lset, force=args.force)
     except (ConfigError, WeightsError, DataError, RunDirError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

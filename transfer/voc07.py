@@ -16,13 +16,13 @@ import argparse
 import functools
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python transfer/voc07.py` from a checkout
 
+from infra.cli import add_run_args, check_force, run_dir_of    # noqa: E402
 from infra.configlib import ConfigError, dump_yaml, to_dict, valid_keys    # noqa: E402
 from pretrain.models.weights import WeightsError    # noqa: E402
 from infra.ray_edge import connecting_map    # noqa: E402
@@ -52,13 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
                    help="conv1-5 from --ckpt, or He-normal random (the no-pretraining baseline)")
     p.add_argument("--voc", default=None, help="VOCdevkit folder, or 'generated' (default: data.voc)")
-    p.add_argument("--config", default=None, help="experiment YAML (default: transfer/configs/demo.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. train.iterations=500 (repeatable)")
-    p.add_argument("--run-dir", default=None,
-                   help="run directory, a path or bucket URI (default: <run.root>/<run.name>-<init>)")
-    p.add_argument("--force", action="append", default=[], metavar="STAGE", help="redo data|train|test")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_run_args(p, stages=STAGES, config_default="transfer/configs/demo.yaml", set_example="train.iterations=500",
+                 run_dir_default="<run.root>/<run.name>-<init>")
     return p.parse_args(argv)
 
 
@@ -138,14 +133,9 @@ def main(argv=None) -> int:
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        unknown = set(args.force) - set(STAGES)
-        if unknown:
-            raise ConfigError(f"--force: unknown stage(s) {', '.join(sorted(unknown))}; stages: {', '.join(STAGES)}")
-        run_dir = storage.to_path(args.run_dir) if args.run_dir else \
-            storage.to_path(cfg.run.root) / f"{cfg.run.name}-{args.init}"
-        if (cfg.ray.address or os.environ.get("RAY_ADDRESS")) and not storage.is_remote(run_dir) \
-                and not run_dir.is_absolute():
-            raise ConfigError(f"on a cluster the run directory must be an absolute shared path, got {run_dir}")
+        check_force(args.force, STAGES)
+        run_dir = run_dir_of(args.run_dir, storage.to_path(cfg.run.root) / f"{cfg.run.name}-{args.init}",
+                             cfg.ray.address)
         run(cfg, run_dir, init=args.init, ckpt=args.ckpt, force=args.force)
     except (ConfigError, WeightsError, VocError, ProposalError, RunDirError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
