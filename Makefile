@@ -29,6 +29,10 @@ test: lint
 demo: setup
 	$(BIN)/python pretrain/run.py --run-dir $(RUN_DIR)
 	$(BIN)/python transfer/voc07.py --ckpt $(RUN_DIR)/final.safetensors --run-dir $(RUN_DIR)/transfer
+	$(BIN)/python -m transfer.export_sets vocboxes --voc runs/transfer/voc-generated/VOCdevkit \
+		--out $(RUN_DIR)/classify-data
+	$(BIN)/python scripts/classify_table.py --ckpt $(RUN_DIR)/final.safetensors --data $(RUN_DIR)/classify-data \
+		--root $(RUN_DIR)/classify -- --set data.splits=3
 
 bench: setup
 	$(BIN)/python scripts/bench_shards.py

@@ -8,6 +8,7 @@ import pytest
 
 from pretrain.eval.ablation import ablation_table, over_seeds, rounds_table
 from tests.conftest import TOY_TRAIN, run_cli
+from tests.pretrain.test_run import check_digits_run
 
 
 def test_rows_over_seeds_are_means_and_spreads():
@@ -45,3 +46,4 @@ def test_ablation_script_runs_every_method_and_writes_its_table(tmp_path):
     text = (tmp_path / "ablation.md").read_text()
     assert "| ours |" in text and "k-means, init features" in text and text in out.stdout
     assert np.isfinite(result["purity"]["discovered (ours)"]["mean"])
+    check_digits_run(tmp_path / "seed0" / "ours")  # the digits pipeline's own outputs, on its ours run
