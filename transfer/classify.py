@@ -85,7 +85,7 @@ def feature_spec(cfg: ClassifyConfig, *, method: str, init: str, ckpt: str) -> F
         raise WeightsError("--init pretrained needs --ckpt (a final.safetensors); --init random needs none")
     if ckpt:
         storage.check_location(ckpt, what="--ckpt")
-    arch, width = trunk_arch(FeatureSpec(ckpt=ckpt, arch=cfg.model.arch, width=cfg.model.width))
+    arch, width = trunk_arch(ckpt, cfg.model.arch, cfg.model.width)
     f = cfg.features
     image_px = cfg.data.image_px or ARCHS[arch].input_px
     return FeatureSpec(method=method, ckpt=ckpt if method == "trunk" and init == "pretrained" else "",

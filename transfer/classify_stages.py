@@ -55,8 +55,7 @@ def read_index(run: RunDir) -> dict[str, np.ndarray]:
 
 def split_of(index: dict[str, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Split k as rows of features.npy (train rows, test rows)."""
-    pos = np.searchsorted(index["used"], index[f"train_{k}"]), np.searchsorted(index["used"], index[f"test_{k}"])
-    return pos
+    return tuple(np.searchsorted(index["used"], index[f"{part}_{k}"]) for part in ("train", "test"))
 
 
 def data_stage(cfg: ClassifyConfig, run: RunDir, lset: LabelledSet, force: bool = False) -> StageResult:

@@ -17,16 +17,16 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from cyvlfeat.hog import hog
 
 from infra.storage import put_part
-from pretrain.models.alexnet import ARCHS, LAYERS, AlexNetTrunk, build_trunk
+from pretrain.models.alexnet import LAYERS, AlexNetTrunk, build_trunk
 from pretrain.models.inputs import to_input
 from pretrain.models.weights import load_trunk, read_meta
+from shards.patches import crop_patches
 from transfer.labelled import ImageSource
 
 METHODS = ("trunk", "pixels", "hog")
@@ -59,12 +59,11 @@ class FeatureSpec:
 
 
 def resize_square(image: np.ndarray, px: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (px, px, 3) uint8: area averaging when shrinking, linear when enlarging
-    (what the shard builder does to patches)."""
+    """(H, W, 3) uint8 -> (px, px, 3) uint8, the whole image resized as the shard builder resizes a patch
+    (`shards.patches.crop_patches`: area averaging when shrinking, linear when enlarging)."""
     if image.shape[:2] == (px, px):
         return image
-    interp = cv2.INTER_AREA if min(image.shape[:2]) >= px else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(image), (px, px), interpolation=interp)
+    return crop_patches(image, np.array([[0, 0, image.shape[1], image.shape[0]]]), px)[0]
 
 
 def load_images(source: ImageSource, indices: np.ndarray, px: int) -> np.ndarray:
@@ -87,24 +86,19 @@ def random_trunk(arch: str, width: float, seed: int) -> AlexNetTrunk:
     return trunk.eval()
 
 
-def trunk_arch(spec: FeatureSpec) -> tuple[str, float]:
-    """(arch, width) of the trunk a spec uses: the checkpoint's when it names one."""
-    if spec.ckpt:
-        model = read_meta(spec.ckpt)["model"]
+def trunk_arch(ckpt: str, arch: str, width: float) -> tuple[str, float]:
+    """(arch, width) of the trunk to use: the checkpoint's when there is one (its header alone is read)."""
+    if ckpt:
+        model = read_meta(ckpt)["model"]
         return model["arch"], float(model["width"])
-    return spec.arch, spec.width
-
-
-def input_px(spec: FeatureSpec) -> int:
-    return ARCHS[trunk_arch(spec)[0]].input_px
+    return arch, width
 
 
 @lru_cache(maxsize=2)
 def _trunk(spec: FeatureSpec, device: str) -> AlexNetTrunk:
     if spec.init == "pretrained":
         return load_trunk(spec.ckpt, device)[0]
-    arch, width = trunk_arch(spec)
-    return random_trunk(arch, width, spec.seed).to(device)
+    return random_trunk(spec.arch, spec.width, spec.seed).to(device)
 
 
 def pool_maps(maps: dict[str, torch.Tensor], levels: tuple[int, ...]) -> torch.Tensor:

@@ -8,6 +8,7 @@ images by cosine similarity of the raw features.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,8 +38,6 @@ def _cv(labels: np.ndarray, folds: int, seed: int):
 
 
 def _fit(estimator, grid: dict, x: np.ndarray, y: np.ndarray, folds: int, seed: int):
-    import warnings
-
     cv = _cv(y, folds, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter bounds the time; accuracy is what counts
